@@ -1,0 +1,4 @@
+//! Validation of SVIDs presented by others: what a tool links.
+
+pub mod jwt;
+pub mod x509;
