@@ -1,1 +1,49 @@
-fn main() {}
+//! `sigil`: the command-line tool for Sigil — validate SVIDs, fetch them from
+//! the Workload API, and (with a server) administer registrations.
+//!
+//! Exit codes: 0 success, 1 the operation failed (one line on stderr names
+//! the reason), 2 usage error.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod fetch;
+mod validate;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sigil",
+    version,
+    about = "Sigil: SPIFFE workload identity for AI agents and their tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a JWT-SVID or an X.509-SVID chain against trust bundles.
+    #[command(subcommand)]
+    Validate(validate::Command),
+    /// Fetch SVIDs and bundles from the Workload API ($SPIFFE_ENDPOINT_SOCKET).
+    #[command(subcommand)]
+    Fetch(fetch::Command),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(cmd) => validate::run(cmd),
+        Command::Fetch(cmd) => fetch::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, the reason only.
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
