@@ -617,10 +617,7 @@ impl BundleSet {
     /// The bundle for a trust domain given by name, without allocating a
     /// [`TrustDomain`].
     pub fn get_by_name(&self, name: &str) -> Option<&Bundle> {
-        self.bundles
-            .iter()
-            .find(|(td, _)| td.name() == name)
-            .map(|(_, b)| b)
+        self.bundles.get(name)
     }
 
     /// All bundles.
