@@ -33,6 +33,9 @@ pub mod proto;
 #[cfg(feature = "tls")]
 pub mod tls;
 
+#[cfg(feature = "layer")]
+pub mod layer;
+
 #[cfg(feature = "workload-client")]
 pub mod workload;
 
