@@ -102,13 +102,39 @@ impl AuditSink for FileAuditSink {
     }
 }
 
-/// A sink that fails every write (tests and fault injection).
+/// Keeps lines in memory; can be told to fail (tests and fault injection).
 #[derive(Debug, Default)]
-pub struct FailingAuditSink;
+pub struct MemoryAuditSink {
+    lines: Mutex<Vec<AuditEvent>>,
+    fail: std::sync::atomic::AtomicBool,
+}
 
-impl AuditSink for FailingAuditSink {
-    fn record(&self, _: &AuditEvent) -> Result<(), AuditError> {
-        Err(AuditError("injected failure".into()))
+impl MemoryAuditSink {
+    /// Makes every later write fail (`true`) or succeed (`false`).
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The lines recorded so far.
+    pub fn lines(&self) -> Vec<AuditEvent> {
+        match self.lines.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+impl AuditSink for MemoryAuditSink {
+    fn record(&self, ev: &AuditEvent) -> Result<(), AuditError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AuditError("injected failure".into()));
+        }
+        let mut g = self
+            .lines
+            .lock()
+            .map_err(|_| AuditError("poisoned".into()))?;
+        g.push(ev.clone());
+        Ok(())
     }
 }
 

@@ -117,6 +117,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "JWT key rotation failed"),
                 }
+                // Spent-token tombstones are kept a day past the token's
+                // expiry, so reuse is reported as reuse meanwhile.
+                match state.store.purge_join_tokens(now_unix() - 86400) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(n, "purged expired join tokens"),
+                    Err(e) => tracing::warn!(error = %e, "join token purge failed"),
+                }
                 if now_unix() - last_cert >= SERVER_CERT_TTL / 2 {
                     match resolver.refresh(&state.ca) {
                         Ok(()) => last_cert = now_unix(),

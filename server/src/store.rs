@@ -102,6 +102,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn put_join_token(&self, hash: &[u8; 32], expires_at: i64) -> Result<(), StoreError>;
     /// Spends a join token: one atomic compare-and-swap.
     fn spend_join_token(&self, hash: &[u8; 32], now: i64) -> Result<SpendOutcome, StoreError>;
+    /// Deletes token records (spent or not) that expired before `before`.
+    /// Returns how many were deleted.
+    fn purge_join_tokens(&self, before: i64) -> Result<usize, StoreError>;
 
     /// Creates an entry, assigning its revision.
     fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
@@ -315,6 +318,31 @@ impl Store for SledStore {
         }
     }
 
+    fn purge_join_tokens(&self, before: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.tokens.iter() {
+            let (k, v) = kv?;
+            let expires_at = match dec("join_tokens", &v)? {
+                TokenRecord::Unspent { expires_at } | TokenRecord::Spent { expires_at, .. } => {
+                    expires_at
+                }
+            };
+            // Compare-and-delete, so a concurrent spend is never undone.
+            if expires_at < before
+                && self
+                    .tokens
+                    .compare_and_swap(&k, Some(&v), None::<&[u8]>)?
+                    .is_ok()
+            {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
     fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
         let idx = parent_key(entry.parent_id.as_str(), &entry.id);
         let out = (&self.meta, &self.entries, &self.by_parent, &self.changes)
@@ -408,6 +436,17 @@ impl Store for SledStore {
             return Ok(EntryChanges {
                 revision,
                 ..EntryChanges::default()
+            });
+        }
+        if since == 0 {
+            // A first sync is the agent's current entries, from the parent
+            // index: no scan of the whole change log. An entry created after
+            // `revision` was read may show up here and again next time; an
+            // upsert makes that harmless.
+            return Ok(EntryChanges {
+                entries: self.entries_by_parent(parent)?,
+                deleted: Vec::new(),
+                revision,
             });
         }
         let mut last: std::collections::BTreeMap<String, bool> = Default::default();
@@ -541,6 +580,10 @@ mod tests {
         assert_eq!(s.spend_join_token(&e, 100).unwrap(), SpendOutcome::Expired);
         // Expired tokens are deleted.
         assert_eq!(s.spend_join_token(&e, 10).unwrap(), SpendOutcome::Unknown);
+        // Purging drops records (here the spent one) that expired before.
+        assert_eq!(s.purge_join_tokens(100).unwrap(), 0);
+        assert_eq!(s.purge_join_tokens(101).unwrap(), 1);
+        assert_eq!(s.spend_join_token(&h, 52).unwrap(), SpendOutcome::Unknown);
     }
 
     #[test]
@@ -618,6 +661,10 @@ mod tests {
             ["e1", "e3"]
         );
         assert!(all.deleted.is_empty());
+        // From the change log: only what changed after revision 1.
+        let since1 = s.entry_changes(&a1, 1).unwrap();
+        assert_eq!(since1.entries.len(), 1);
+        assert_eq!(since1.entries[0].id, "e3");
 
         s.delete_entry("e1").unwrap();
         let inc = s.entry_changes(&a1, 3).unwrap();

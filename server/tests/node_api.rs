@@ -45,6 +45,12 @@ async fn create_entry(server: &Server, agent: &str, id: &str, auds: &[&str]) -> 
 #[tokio::test]
 async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
     let server = Server::start();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&server.admin_socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode");
     let ca = ca_cert(&server).await;
     let agent = attest(&server, &ca).await;
     assert!(agent.id.starts_with("spiffe://example.org/agent/join/"));
@@ -119,6 +125,38 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
     .unwrap();
     let ttl = v.not_after() - r.results[0].expires_at;
     assert_eq!(ttl, 0);
+    // openssl agrees: the leaf chains to the CA for client and server use.
+    let tmp = tempfile::tempdir().unwrap();
+    let pem = |c: &[u8]| {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(c);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    };
+    std::fs::write(tmp.path().join("ca.pem"), pem(&ca)).unwrap();
+    std::fs::write(tmp.path().join("leaf.pem"), pem(&chain[0])).unwrap();
+    for purpose in ["sslclient", "sslserver"] {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "verify", "-CAfile", "ca.pem", "-purpose", purpose, "leaf.pem",
+            ])
+            .current_dir(tmp.path())
+            .output()
+            .expect("openssl must be installed for this test");
+        assert!(
+            out.status.success(),
+            "openssl verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // And the key matches: the library's X509Svid accepts chain + key.
     sigil::X509Svid::new(
         chain.clone(),

@@ -530,3 +530,259 @@ impl pb::node_server::Node for NodeApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::MemoryAuditSink;
+    use crate::ca::{JwtKeyPolicy, load_or_init};
+    use crate::entry::{EntryRequest, TtlPolicy};
+    use crate::store::{SledStore, Store};
+    use pb::node_server::Node;
+    use rcgen::PublicKeyData;
+    use rustls_pki_types::CertificateDer;
+    use sigil::{JwtSvidValidator, TrustDomain};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: Arc<ServerState>,
+        audit: Arc<MemoryAuditSink>,
+        api: NodeApi,
+        chain: Vec<CertificateDer<'static>>,
+        agent: SpiffeId,
+    }
+
+    fn spki() -> Vec<u8> {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .subject_public_key_info()
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let (ca, jwt) = load_or_init(store.clone(), &td, 86400, JwtKeyPolicy::default()).unwrap();
+        let audit = Arc::new(MemoryAuditSink::default());
+        let state = Arc::new(ServerState {
+            td,
+            store: store.clone(),
+            ca,
+            jwt,
+            audit: audit.clone(),
+            ttl: TtlPolicy::default(),
+            agent_svid_ttl: 3600,
+            jwt_issuer: None,
+        });
+        let api = NodeApi::new(state.clone());
+        let token = "t0k3n";
+        store
+            .put_join_token(&sha256(token.as_bytes()), now_unix() + 60)
+            .unwrap();
+        let resp = api
+            .attest(Request::new(pb::AttestRequest {
+                method: Some(pb::attest_request::Method::JoinToken(
+                    pb::JoinTokenAttestation {
+                        token: token.into(),
+                    },
+                )),
+                public_key: spki(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(pb::attest_response::Result::Svid(svid)) = resp.result else {
+            panic!("no svid");
+        };
+        let agent = SpiffeId::parse(&svid.spiffe_id).unwrap();
+        let entry = crate::entry::validate(
+            &EntryRequest {
+                spiffe_id: "spiffe://example.org/w".into(),
+                parent_id: agent.to_string(),
+                selectors: vec!["unix:uid:1000".into()],
+                audiences: vec!["ehr-fhir".into()],
+                jwt_ttl: 300,
+                ..EntryRequest::default()
+            },
+            &state.td,
+            &state.ttl,
+            0,
+        )
+        .unwrap();
+        store.create_entry(entry).unwrap();
+        Fixture {
+            _dir: dir,
+            state,
+            audit,
+            api,
+            chain: svid
+                .cert_chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            agent,
+        }
+    }
+
+    impl Fixture {
+        fn req<T>(&self, msg: T) -> Request<T> {
+            let mut r = Request::new(msg);
+            r.extensions_mut()
+                .insert(PeerCerts(Some(Arc::new(self.chain.clone()))));
+            r
+        }
+
+        async fn mint(&self, aud: &str) -> Result<pb::MintJwtSvidResponse, Status> {
+            self.api
+                .mint_jwt_svid(self.req(pb::MintJwtSvidRequest {
+                    spiffe_id: "spiffe://example.org/w".into(),
+                    audience: aud.into(),
+                }))
+                .await
+                .map(Response::into_inner)
+        }
+    }
+
+    #[tokio::test]
+    async fn jwt_claims_and_denied_audience_is_audited() {
+        let f = fixture().await;
+        let ok = f.mint("ehr-fhir").await.unwrap();
+        let v = JwtSvidValidator::new("ehr-fhir")
+            .validate(
+                &ok.token,
+                &f.state.bundle_set(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(v.expiry() - v.issued_at().unwrap(), 300);
+        assert_eq!(v.acr(), Some("sigil:al1"));
+        assert_eq!(v.amr(), ["join_token", "peercred"]);
+
+        let err = f.mint("ehr-fhir-admin").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let lines = f.audit.lines();
+        let last = lines.last().unwrap();
+        assert_eq!(last.outcome, "denied");
+        assert_eq!(last.audience.as_deref(), Some("ehr-fhir-admin"));
+        assert_eq!(last.caller, f.agent.as_str());
+        assert_eq!(
+            last.reason.as_deref(),
+            Some("audience not allowed by the registration entry")
+        );
+        let minted = lines.iter().find(|l| l.outcome == "ok" && l.jti.is_some());
+        assert_eq!(minted.unwrap().jti.as_deref(), v.jti());
+    }
+
+    #[tokio::test]
+    async fn mint_fails_unavailable_when_the_audit_line_cannot_be_written() {
+        let f = fixture().await;
+        f.audit.set_failing(true);
+        let err = f.mint("ehr-fhir").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let err = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        f.audit.set_failing(false);
+        assert!(f.mint("ehr-fhir").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn forced_jwt_key_rotation_keeps_old_tokens_valid() {
+        let f = fixture().await;
+        let before = f.mint("ehr-fhir").await.unwrap().token;
+        f.state.jwt.force_rotate(now_unix()).unwrap();
+        let after = f.mint("ehr-fhir").await.unwrap().token;
+        let bundles = f.state.bundle_set();
+        let now = std::time::SystemTime::now();
+        let v1 = JwtSvidValidator::new("ehr-fhir")
+            .validate(&before, &bundles, now)
+            .unwrap();
+        let v2 = JwtSvidValidator::new("ehr-fhir")
+            .validate(&after, &bundles, now)
+            .unwrap();
+        assert_ne!(v1.kid(), v2.kid());
+        assert_eq!(v2.kid(), f.state.jwt.active().0.kid());
+    }
+
+    #[tokio::test]
+    async fn other_agents_entries_and_foreign_certs_are_refused() {
+        let f = fixture().await;
+        // No certificate at all.
+        let err = f
+            .api
+            .fetch_bundle(Request::new(pb::FetchBundleRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        // A workload SVID is not an agent SVID.
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let workload_chain: Vec<CertificateDer<'static>> = r.results[0]
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect();
+        let mut req = Request::new(pb::FetchBundleRequest {});
+        req.extensions_mut()
+            .insert(PeerCerts(Some(Arc::new(workload_chain))));
+        let err = f.api.fetch_bundle(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        // An entry of another agent cannot be signed.
+        let other = crate::entry::validate(
+            &EntryRequest {
+                spiffe_id: "spiffe://example.org/other".into(),
+                parent_id: "spiffe://example.org/agent/join/someone".into(),
+                selectors: vec!["unix:uid:1".into()],
+                audiences: vec!["ehr-fhir".into()],
+                ..EntryRequest::default()
+            },
+            &f.state.td,
+            &f.state.ttl,
+            0,
+        )
+        .unwrap();
+        let other = f.state.store.create_entry(other).unwrap();
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id: other.id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].cert_chain.is_empty());
+        assert_eq!(r.results[0].error, "entry belongs to another agent");
+        let err = f
+            .api
+            .mint_jwt_svid(f.req(pb::MintJwtSvidRequest {
+                spiffe_id: "spiffe://example.org/other".into(),
+                audience: "ehr-fhir".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+}
