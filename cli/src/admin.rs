@@ -47,6 +47,38 @@ pub enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Signing keys: show them, and rotate the JWT key by hand.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `sigil keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// List the CA and the published JWT keys with their states.
+    Show {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Publish a next JWT key in the bundle (it does not sign yet).
+    Prepare {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Make the prepared JWT key sign; the old one is retired but stays
+    /// published until its tokens have expired.
+    Activate {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Remove a retired or prepared JWT key from the bundle now: tokens it
+    /// signed stop validating.
+    Revoke {
+        /// Key ID.
+        kid: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 /// `sigil token …`
@@ -273,6 +305,23 @@ fn agent_text(a: &pb::Agent) -> String {
     )
 }
 
+fn key_json(k: &pb::JwtKey) -> Value {
+    json!({
+        "kid": k.kid,
+        "state": k.state,
+        "created_at": k.created_at,
+        "not_after": k.not_after,
+        "retired_at": if k.retired_at == 0 { Value::Null } else { k.retired_at.into() },
+    })
+}
+
+fn key_text(k: &pb::JwtKey) -> String {
+    format!(
+        "JWT key {} : {} (not after {})\n",
+        k.kid, k.state, k.not_after
+    )
+}
+
 fn print(out: &OutputArg, j: Value, text: impl FnOnce() -> String) {
     match out.output {
         Output::Json => println!("{j}"),
@@ -435,6 +484,66 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 .into_inner();
             print(&out, agent_json(&a), || {
                 format!("Agent {} is {}\n", a.spiffe_id, a.status)
+            });
+        }
+        Command::Keys(KeysCommand::Show { out }) => {
+            let r = c
+                .list_keys(pb::ListKeysRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let cas: Vec<Value> = r
+                .x509_authorities
+                .iter()
+                .map(
+                    |a| json!({ "serial": a.serial, "not_after": a.not_after, "sha256": a.sha256 }),
+                )
+                .collect();
+            print(
+                &out,
+                json!({
+                    "x509_authorities": cas,
+                    "jwt_keys": r.jwt_keys.iter().map(key_json).collect::<Vec<_>>(),
+                }),
+                || {
+                    let mut s = String::new();
+                    for a in &r.x509_authorities {
+                        s.push_str(&format!(
+                            "X.509 CA serial {} (not after {}, sha256 {})\n",
+                            a.serial, a.not_after, a.sha256
+                        ));
+                    }
+                    for k in &r.jwt_keys {
+                        s.push_str(&key_text(k));
+                    }
+                    s
+                },
+            );
+        }
+        Command::Keys(KeysCommand::Prepare { out }) => {
+            let k = c
+                .prepare_jwt_key(pb::PrepareJwtKeyRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, key_json(&k), || key_text(&k));
+        }
+        Command::Keys(KeysCommand::Activate { out }) => {
+            let k = c
+                .activate_jwt_key(pb::ActivateJwtKeyRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, key_json(&k), || key_text(&k));
+        }
+        Command::Keys(KeysCommand::Revoke { kid, out }) => {
+            let k = c
+                .revoke_jwt_key(pb::RevokeJwtKeyRequest { kid })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, key_json(&k), || {
+                format!("Revoked JWT key {}\n", k.kid)
             });
         }
         Command::Bundle(BundleCommand::Show { format, out }) => {

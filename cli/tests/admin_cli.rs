@@ -196,6 +196,33 @@ fn token_entry_agent_and_bundle_commands() {
         }
     }
 
+    // keys: prepare publishes, activate switches the signer, the old key
+    // stays published until revoked.
+    let keys = json_ok(sigil(s, &["keys", "show", "--output", "json"]));
+    let jwt = keys["jwt_keys"].as_array().unwrap();
+    assert_eq!(jwt.len(), 1);
+    assert_eq!(jwt[0]["state"], "active");
+    let k1 = jwt[0]["kid"].as_str().unwrap().to_owned();
+    assert_eq!(keys["x509_authorities"].as_array().unwrap().len(), 1);
+    let early = sigil(s, &["keys", "activate"]);
+    assert_eq!(early.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("keys prepare"));
+    let p = json_ok(sigil(s, &["keys", "prepare", "--output", "json"]));
+    assert_eq!(p["state"], "prepared");
+    let a = json_ok(sigil(s, &["keys", "activate", "--output", "json"]));
+    assert_eq!(a["kid"], p["kid"]);
+    assert_eq!(a["state"], "active");
+    let jwks = sigil(s, &["bundle", "show", "--format", "jwks"]);
+    let b = sigil::Bundle::parse_any(td.clone(), &jwks.stdout).unwrap();
+    assert_eq!(b.jwt.keys().count(), 2);
+    let active = sigil(s, &["keys", "revoke", p["kid"].as_str().unwrap()]);
+    assert_eq!(active.status.code(), Some(1));
+    let r = json_ok(sigil(s, &["keys", "revoke", &k1, "--output", "json"]));
+    assert_eq!(r["state"], "retired");
+    let jwks = sigil(s, &["bundle", "show", "--format", "jwks"]);
+    let b = sigil::Bundle::parse_any(td.clone(), &jwks.stdout).unwrap();
+    assert_eq!(b.jwt.keys().count(), 1);
+
     // entry delete.
     let del = json_ok(sigil(s, &["entry", "delete", &id, "--output", "json"]));
     assert_eq!(del["id"], id.as_str());

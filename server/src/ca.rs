@@ -54,6 +54,15 @@ pub enum CaError {
     /// The store has state but no usable JWT key.
     #[error("the data dir holds server state but no usable JWT signing key: {0}")]
     MissingJwtKey(String),
+    /// `activate` without a prepared key.
+    #[error("no prepared JWT key: run `sigil keys prepare` first")]
+    NoPreparedKey,
+    /// No key with this kid.
+    #[error("no JWT key with kid {0:?}")]
+    UnknownKey(String),
+    /// The active key cannot be revoked.
+    #[error("the active JWT key cannot be revoked: prepare and activate another one first")]
+    KeyIsActive,
     /// The CA's life is over (or too short for any certificate).
     #[error("the CA certificate has expired")]
     CaExpired,
@@ -404,6 +413,54 @@ impl JwtKeys {
         Ok(changed)
     }
 
+    /// Publishes a next key (or returns the one already prepared).
+    pub fn prepare(&self, now: i64) -> Result<StoredJwtKey, CaError> {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(k) = g.all.iter().find(|k| k.state == JwtKeyState::Prepared) {
+            return Ok(k.clone());
+        }
+        let k = new_key(JwtKeyState::Prepared, now, self.policy.key_ttl)?;
+        self.store.put_jwt_key(&k)?;
+        g.all.push(k.clone());
+        Ok(k)
+    }
+
+    /// Activates the prepared key and retires the active one.
+    pub fn activate(&self, now: i64) -> Result<StoredJwtKey, CaError> {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if !self.activate_locked(&mut g, now)? {
+            return Err(CaError::NoPreparedKey);
+        }
+        let kid = g.active.0.kid().to_owned();
+        g.all
+            .iter()
+            .find(|k| k.kid == kid)
+            .cloned()
+            .ok_or_else(|| CaError::MissingJwtKey("active key vanished".into()))
+    }
+
+    /// Removes a prepared or retired key from the bundle and the store.
+    pub fn revoke(&self, kid: &str) -> Result<StoredJwtKey, CaError> {
+        let mut g = match self.inner.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let Some(pos) = g.all.iter().position(|k| k.kid == kid) else {
+            return Err(CaError::UnknownKey(kid.to_owned()));
+        };
+        if g.all[pos].state == JwtKeyState::Active {
+            return Err(CaError::KeyIsActive);
+        }
+        self.store.delete_jwt_key(kid)?;
+        Ok(g.all.remove(pos))
+    }
+
     /// Forces a rotation now: prepares a key if there is none, activates it
     /// and retires the active one.
     pub fn force_rotate(&self, now: i64) -> Result<(), CaError> {
@@ -641,6 +698,28 @@ mod tests {
         assert!(keys.published().iter().any(|k| k.kid == k1));
         keys.rotate(t0 + 1001 + RETIRED_KEY_MARGIN_SECS).unwrap();
         assert!(!keys.published().iter().any(|k| k.kid == k1));
+    }
+
+    #[test]
+    fn manual_prepare_activate_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let now = now_unix();
+        let keys = JwtKeys::load(store.clone(), JwtKeyPolicy::default(), true, now).unwrap();
+        let k1 = keys.active().0.kid().to_owned();
+        assert!(matches!(keys.activate(now), Err(CaError::NoPreparedKey)));
+        assert!(matches!(keys.revoke(&k1), Err(CaError::KeyIsActive)));
+        let p = keys.prepare(now).unwrap();
+        assert_eq!(keys.prepare(now).unwrap().kid, p.kid, "idempotent");
+        assert_eq!(keys.active().0.kid(), k1, "prepared keys do not sign");
+        let a = keys.activate(now).unwrap();
+        assert_eq!(a.kid, p.kid);
+        assert_eq!(a.state, JwtKeyState::Active);
+        assert_eq!(keys.active().0.kid(), p.kid);
+        let r = keys.revoke(&k1).unwrap();
+        assert_eq!(r.state, JwtKeyState::Retired);
+        assert!(matches!(keys.revoke(&k1), Err(CaError::UnknownKey(_))));
+        assert_eq!(store.jwt_keys().unwrap().len(), 1);
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //! audit log; access control is the socket's file mode.
 
 use crate::audit::AuditEvent;
+use crate::ca::CaError;
 use crate::entry::{self, EntryError, EntryRequest};
-use crate::model::{Agent, AgentStatus, Entry, now_unix, random_bytes, sha256};
+use crate::model::{
+    Agent, AgentStatus, Entry, JwtKeyState, StoredJwtKey, hex, now_unix, random_bytes, sha256,
+};
 use crate::state::{ServerState, request_id};
 use crate::store::StoreError;
 use base64::Engine;
@@ -116,6 +119,32 @@ fn agent_to_pb(a: &Agent) -> pb::Agent {
     }
 }
 
+fn key_to_pb(k: &StoredJwtKey) -> pb::JwtKey {
+    let state = match k.state {
+        JwtKeyState::Prepared => "prepared",
+        JwtKeyState::Active => "active",
+        JwtKeyState::Retired => "retired",
+    };
+    pb::JwtKey {
+        kid: k.kid.clone(),
+        state: state.into(),
+        created_at: k.created_at,
+        not_after: k.not_after,
+        retired_at: k.retired_at.unwrap_or(0),
+    }
+}
+
+fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::NoPreparedKey | CaError::KeyIsActive => Status::failed_precondition(e.to_string()),
+        CaError::UnknownKey(_) => Status::not_found(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "key operation failed");
+            Status::internal("internal error")
+        }
+    }
+}
+
 fn parse_agent_id(s: &str) -> Result<SpiffeId, Status> {
     SpiffeId::parse(s).map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))
 }
@@ -123,7 +152,7 @@ fn parse_agent_id(s: &str) -> Result<SpiffeId, Status> {
 /// SHA-256 (hex) of the CA bundle PEM: what an agent operator compares
 /// with the bundle file they were given.
 pub fn bundle_fingerprint(pem: &str) -> String {
-    crate::model::hex(&sha256(pem.as_bytes()))
+    hex(&sha256(pem.as_bytes()))
 }
 
 impl AdminApi {
@@ -314,5 +343,73 @@ impl pb::admin_server::Admin for AdminApi {
             pem: b.x509.to_pem(),
             jwks: b.jwt.to_jwks_json(),
         }))
+    }
+
+    async fn list_keys(
+        &self,
+        _req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let mut jwt_keys: Vec<pb::JwtKey> =
+            self.state.jwt.published().iter().map(key_to_pb).collect();
+        jwt_keys.sort_by_key(|k| k.created_at);
+        let ca = self.state.ca.cert();
+        let serial = x509_parser::parse_x509_certificate(ca)
+            .map(|(_, c)| hex(c.raw_serial()))
+            .unwrap_or_default();
+        Ok(Response::new(pb::ListKeysResponse {
+            jwt_keys,
+            x509_authorities: vec![pb::X509Authority {
+                serial,
+                not_after: self.state.ca.not_after(),
+                sha256: hex(&sha256(ca)),
+            }],
+        }))
+    }
+
+    async fn prepare_jwt_key(
+        &self,
+        req: Request<pb::PrepareJwtKeyRequest>,
+    ) -> Result<Response<pb::JwtKey>, Status> {
+        let mut ev = self.event(&req, "admin.PrepareJwtKey");
+        let k = self.state.jwt.prepare(now_unix()).map_err(ca_status)?;
+        ev.reason = Some(format!("kid {}", k.kid));
+        self.record(&ev)?;
+        Ok(Response::new(key_to_pb(&k)))
+    }
+
+    async fn activate_jwt_key(
+        &self,
+        req: Request<pb::ActivateJwtKeyRequest>,
+    ) -> Result<Response<pb::JwtKey>, Status> {
+        let mut ev = self.event(&req, "admin.ActivateJwtKey");
+        let k = match self.state.jwt.activate(now_unix()) {
+            Ok(k) => k,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(ca_status(e));
+            }
+        };
+        ev.reason = Some(format!("kid {}", k.kid));
+        self.record(&ev)?;
+        tracing::info!(kid = %k.kid, "JWT key activated by an operator");
+        Ok(Response::new(key_to_pb(&k)))
+    }
+
+    async fn revoke_jwt_key(
+        &self,
+        req: Request<pb::RevokeJwtKeyRequest>,
+    ) -> Result<Response<pb::JwtKey>, Status> {
+        let mut ev = self.event(&req, "admin.RevokeJwtKey");
+        ev.reason = Some(format!("kid {}", req.get_ref().kid));
+        let k = match self.state.jwt.revoke(&req.get_ref().kid) {
+            Ok(k) => k,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(ca_status(e));
+            }
+        };
+        self.record(&ev)?;
+        tracing::warn!(kid = %k.kid, "JWT key revoked by an operator");
+        Ok(Response::new(key_to_pb(&k)))
     }
 }
