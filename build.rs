@@ -13,7 +13,11 @@ fn main() {
 
 #[cfg(feature = "proto")]
 mod proto {
-    pub const FILES: &[&str] = &["proto/spiffe/workload/workload.proto"];
+    pub const FILES: &[&str] = &[
+        "proto/spiffe/workload/workload.proto",
+        "proto/sigil/node/v1/node.proto",
+        "proto/sigil/admin/v1/admin.proto",
+    ];
 
     pub fn generate() -> Result<(), Box<dyn std::error::Error>> {
         for f in FILES {

@@ -11,3 +11,31 @@ pub mod workload {
     )]
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
+
+/// Sigil's node API (agent ↔ server), `sigil.node.v1`.
+pub mod node {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(
+            missing_docs,
+            clippy::all,
+            clippy::pedantic,
+            missing_debug_implementations
+        )]
+        include!(concat!(env!("OUT_DIR"), "/sigil.node.v1.rs"));
+    }
+}
+
+/// Sigil's admin API (CLI ↔ server, Unix socket), `sigil.admin.v1`.
+pub mod admin {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(
+            missing_docs,
+            clippy::all,
+            clippy::pedantic,
+            missing_debug_implementations
+        )]
+        include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
+    }
+}

@@ -5,8 +5,10 @@
 //! the reason), 2 usage error.
 
 use clap::{Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod admin;
 mod fetch;
 mod validate;
 
@@ -17,6 +19,9 @@ mod validate;
     about = "Sigil: SPIFFE workload identity for AI agents and their tools"
 )]
 struct Cli {
+    /// The server's admin Unix socket (admin commands only).
+    #[arg(long, global = true, env = "SIGIL_ADMIN_SOCKET", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,6 +34,8 @@ enum Command {
     /// Fetch SVIDs and bundles from the Workload API ($SPIFFE_ENDPOINT_SOCKET).
     #[command(subcommand)]
     Fetch(fetch::Command),
+    #[command(flatten)]
+    Admin(admin::Command),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate(cmd) => validate::run(cmd),
         Command::Fetch(cmd) => fetch::run(cmd),
+        Command::Admin(cmd) => admin::run(cli.admin_socket, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

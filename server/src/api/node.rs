@@ -1,0 +1,788 @@
+//! The node API (`sigil.node.v1`), served over TLS 1.3.
+//!
+//! Every handler runs validate → authenticate → authorize → act → audit.
+//! `Attest` is the only unauthenticated RPC. Every other RPC authenticates
+//! the caller **on each call** from the client certificate of its TLS
+//! connection: the chain must verify against the current bundle *now*
+//! (so an expired SVID on a long-lived connection stops working), the ID
+//! must be an agent ID, and the store must say that agent is active and
+//! that this certificate's serial is its current one. Eviction, banning and
+//! renewal therefore take effect on connections that are already open.
+//!
+//! The caller sees a short message and the right status code; the audit
+//! log gets the detail.
+
+use crate::audit::AuditEvent;
+use crate::authz::{self, AuthzError};
+use crate::ca::CaError;
+use crate::model::{Agent, AgentStatus, Entry, hex, now_unix, sha256};
+use crate::state::{ServerState, request_id};
+use crate::store::{SpendOutcome, StoreError};
+use crate::tls::PeerCerts;
+use sigil::assurance::methods;
+use sigil::proto::node::v1 as pb;
+use sigil::svid::jwt::{JwtSvidClaims, random_jti};
+use sigil::{AssuranceLevel, SpiffeId, verify_x509_svid};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Most SVIDs one `SignX509Svids` call may ask for.
+pub const MAX_BATCH: usize = 1000;
+
+/// The node API service.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    state: Arc<ServerState>,
+}
+
+impl NodeApi {
+    /// A service over `state`.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Self { state }
+    }
+}
+
+/// An agent authenticated for this call.
+#[derive(Debug)]
+struct Caller {
+    agent: Agent,
+    request_id: String,
+}
+
+impl Caller {
+    fn event(&self, method: &str) -> AuditEvent {
+        AuditEvent {
+            request_id: self.request_id.clone(),
+            caller: self.agent.spiffe_id.to_string(),
+            method: method.into(),
+            assurance: Some(self.agent.assurance.acr().into()),
+            ..AuditEvent::default()
+        }
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store error");
+    Status::internal("internal error")
+}
+
+fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::BadPublicKey => Status::invalid_argument(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "CA error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+impl From<AuthzError> for Status {
+    fn from(e: AuthzError) -> Self {
+        Status::permission_denied(e.to_string())
+    }
+}
+
+fn unavailable_audit() -> Status {
+    Status::unavailable("audit log unavailable; nothing was issued")
+}
+
+impl NodeApi {
+    fn audit_denied(&self, mut ev: AuditEvent, reason: impl Into<String>) {
+        ev.outcome = "denied";
+        ev.reason = Some(reason.into());
+        let _ = self.state.audit(&ev);
+    }
+
+    /// Authenticates the calling agent from its TLS client certificate and
+    /// the store, on every call.
+    fn authenticate<T>(&self, req: &Request<T>, method: &str) -> Result<Caller, Status> {
+        let rid = request_id();
+        let base = AuditEvent {
+            request_id: rid.clone(),
+            caller: "unauthenticated".into(),
+            method: method.into(),
+            ..AuditEvent::default()
+        };
+        let Some(chain) = req
+            .extensions()
+            .get::<PeerCerts>()
+            .and_then(|p| p.0.clone())
+        else {
+            self.audit_denied(base, "no client certificate");
+            return Err(Status::unauthenticated("an agent SVID is required"));
+        };
+        let verified = match verify_x509_svid(
+            &chain,
+            &self.state.bundle_set(),
+            std::time::SystemTime::now(),
+            &|id: &SpiffeId| id.path().starts_with("/agent/"),
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                self.audit_denied(base, format!("client certificate refused: {e}"));
+                return Err(Status::unauthenticated("agent SVID refused"));
+            }
+        };
+        let id = verified.spiffe_id().clone();
+        let mut base = base;
+        base.caller = id.to_string();
+        let serial = chain
+            .first()
+            .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| hex(c.raw_serial()))
+            .unwrap_or_default();
+        let agent = match self.state.store.agent(&id).map_err(store_status)? {
+            Some(a) => a,
+            None => {
+                self.audit_denied(base, "unknown agent");
+                return Err(Status::permission_denied("agent is not active"));
+            }
+        };
+        if agent.status != AgentStatus::Active {
+            self.audit_denied(base, format!("agent is {}", agent.status.as_str()));
+            return Err(Status::permission_denied("agent is not active"));
+        }
+        if agent.serial != serial {
+            self.audit_denied(base, "agent SVID is not the current one");
+            return Err(Status::permission_denied("agent SVID is not current"));
+        }
+        Ok(Caller {
+            agent,
+            request_id: rid,
+        })
+    }
+
+    fn agent_svid(
+        &self,
+        issued: &crate::ca::Issued,
+        id: &SpiffeId,
+        l: AssuranceLevel,
+    ) -> pb::AgentSvid {
+        pb::AgentSvid {
+            spiffe_id: id.to_string(),
+            cert_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+            expires_at: issued.not_after,
+            assurance_level: l.acr().into(),
+        }
+    }
+}
+
+fn entry_to_pb(e: &Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        parent_id: e.parent_id.to_string(),
+        selectors: e
+            .selectors
+            .iter()
+            .map(|s| pb::Selector {
+                r#type: s.kind.clone(),
+                value: s.value.clone(),
+            })
+            .collect(),
+        audiences: e.audiences.clone(),
+        x509_ttl_seconds: e.x509_ttl,
+        jwt_ttl_seconds: e.jwt_ttl,
+        dns_names: e.dns_names.clone(),
+        min_assurance: e
+            .min_assurance
+            .map(|l| l.acr().to_owned())
+            .unwrap_or_default(),
+        revision: e.revision,
+    }
+}
+
+/// The join token's ID: the first 16 bytes of its SHA-256, hex. It names
+/// the agent and is safe to log; the token itself never is.
+pub fn join_token_id(hash: &[u8; 32]) -> String {
+    hex(&hash[..16])
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn attest(
+        &self,
+        req: Request<pb::AttestRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        const METHOD: &str = "node.Attest";
+        let req = req.into_inner();
+        let mut ev = AuditEvent {
+            request_id: request_id(),
+            caller: "unauthenticated".into(),
+            method: METHOD.into(),
+            ..AuditEvent::default()
+        };
+        // Validate.
+        if crate::ca::parse_p256_spki(&req.public_key).is_err() {
+            self.audit_denied(ev, "public key is not an ECDSA P-256 SubjectPublicKeyInfo");
+            return Err(Status::invalid_argument(
+                "public_key must be a DER ECDSA P-256 SubjectPublicKeyInfo",
+            ));
+        }
+        let token = match req.method {
+            Some(pb::attest_request::Method::JoinToken(j)) => j.token,
+            Some(pb::attest_request::Method::ChallengeResponse(_)) => {
+                self.audit_denied(ev, "no challenge is pending");
+                return Err(Status::failed_precondition("no challenge is pending"));
+            }
+            None => {
+                self.audit_denied(ev, "no attestation method");
+                return Err(Status::invalid_argument(
+                    "an attestation method is required",
+                ));
+            }
+        };
+        if token.is_empty() || token.len() > 256 {
+            self.audit_denied(ev, "malformed join token");
+            return Err(Status::permission_denied("attestation failed"));
+        }
+        // Attest: one atomic spend.
+        let hash = sha256(token.as_bytes());
+        let token_id = join_token_id(&hash);
+        let agent_id = self
+            .state
+            .td
+            .id(&format!("/agent/join/{token_id}"))
+            .map_err(|_| Status::internal("internal error"))?;
+        ev.spiffe_id = Some(agent_id.to_string());
+        ev.assurance = Some(AssuranceLevel::Al1.acr().into());
+        let now = now_unix();
+        match self
+            .state
+            .store
+            .spend_join_token(&hash, now)
+            .map_err(store_status)?
+        {
+            SpendOutcome::Spent => {}
+            SpendOutcome::AlreadySpent => {
+                self.audit_denied(ev, "join token reuse: already spent");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+            SpendOutcome::Expired => {
+                self.audit_denied(ev, "join token expired");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+            SpendOutcome::Unknown => {
+                ev.spiffe_id = None;
+                self.audit_denied(ev, "unknown join token");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+        }
+        // Act.
+        let issued = self
+            .state
+            .ca
+            .issue(
+                &req.public_key,
+                &agent_id,
+                &[],
+                &[],
+                self.state.agent_svid_ttl,
+                now,
+            )
+            .map_err(ca_status)?;
+        let agent = Agent {
+            spiffe_id: agent_id.clone(),
+            status: AgentStatus::Active,
+            assurance: AssuranceLevel::Al1,
+            method: methods::JOIN_TOKEN.into(),
+            serial: issued.serial.clone(),
+            expires_at: issued.not_after,
+            attested_at: now,
+        };
+        self.state
+            .store
+            .create_agent(&agent)
+            .map_err(store_status)?;
+        // Audit.
+        ev.outcome = "ok";
+        ev.serial = Some(issued.serial.clone());
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        tracing::info!(agent = %agent_id, "agent attested with a join token");
+        Ok(Response::new(pb::AttestResponse {
+            result: Some(pb::attest_response::Result::Svid(self.agent_svid(
+                &issued,
+                &agent_id,
+                AssuranceLevel::Al1,
+            ))),
+            bundle: self.state.bundle().to_spiffe_json(),
+        }))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        const METHOD: &str = "node.RenewAgent";
+        let caller = self.authenticate(&req, METHOD)?;
+        let req = req.into_inner();
+        let id = caller.agent.spiffe_id.clone();
+        let mut ev = caller.event(METHOD);
+        ev.spiffe_id = Some(id.to_string());
+        let now = now_unix();
+        let issued = self
+            .state
+            .ca
+            .issue(
+                &req.public_key,
+                &id,
+                &[],
+                &[],
+                self.state.agent_svid_ttl,
+                now,
+            )
+            .map_err(ca_status)?;
+        let presented = caller.agent.serial.clone();
+        let new_serial = issued.serial.clone();
+        let not_after = issued.not_after;
+        let updated = self.state.store.update_agent(&id, &|a| {
+            // Re-checked atomically: an eviction or another renewal since
+            // authentication wins.
+            if a.status != AgentStatus::Active || a.serial != presented {
+                return Err(StoreError::Refused("agent is not active".into()));
+            }
+            a.serial = new_serial.clone();
+            a.expires_at = not_after;
+            Ok(())
+        });
+        match updated {
+            Ok(_) => {}
+            Err(StoreError::Refused(r)) => {
+                self.audit_denied(ev, r);
+                return Err(Status::permission_denied("agent is not active"));
+            }
+            Err(e) => return Err(store_status(e)),
+        }
+        ev.outcome = "ok";
+        ev.serial = Some(issued.serial.clone());
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid: Some(self.agent_svid(&issued, &id, caller.agent.assurance)),
+        }))
+    }
+
+    async fn sync_entries(
+        &self,
+        req: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<pb::SyncEntriesResponse>, Status> {
+        let caller = self.authenticate(&req, "node.SyncEntries")?;
+        let since = req.into_inner().since_revision;
+        let ch = self
+            .state
+            .store
+            .entry_changes(&caller.agent.spiffe_id, since)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::SyncEntriesResponse {
+            entries: ch.entries.iter().map(entry_to_pb).collect(),
+            deleted_entry_ids: ch.deleted,
+            revision: ch.revision,
+        }))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        const METHOD: &str = "node.SignX509Svids";
+        let caller = self.authenticate(&req, METHOD)?;
+        let req = req.into_inner();
+        if req.requests.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} SVIDs per call"
+            )));
+        }
+        let now = now_unix();
+        let mut results = Vec::with_capacity(req.requests.len());
+        for r in req.requests {
+            let mut ev = caller.event(METHOD);
+            let mut out = pb::X509SvidResult {
+                entry_id: r.entry_id.clone(),
+                ..Default::default()
+            };
+            let entry = self.state.store.entry(&r.entry_id).map_err(store_status)?;
+            let entry = match entry {
+                Some(e) => e,
+                None => {
+                    self.audit_denied(ev, format!("no entry {}", r.entry_id));
+                    out.error = "no such entry".into();
+                    results.push(out);
+                    continue;
+                }
+            };
+            ev.spiffe_id = Some(entry.spiffe_id.to_string());
+            out.spiffe_id = entry.spiffe_id.to_string();
+            if let Err(e) =
+                authz::authorize_x509(&entry, &caller.agent.spiffe_id, caller.agent.assurance)
+            {
+                self.audit_denied(ev, e.to_string());
+                out.error = e.to_string();
+                results.push(out);
+                continue;
+            }
+            match self.state.ca.issue(
+                &r.public_key,
+                &entry.spiffe_id,
+                &entry.dns_names,
+                &[],
+                entry.x509_ttl,
+                now,
+            ) {
+                Ok(issued) => {
+                    ev.outcome = "ok";
+                    ev.serial = Some(issued.serial.clone());
+                    // No credential leaves unrecorded.
+                    self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+                    let mut chain: Vec<Vec<u8>> = issued.chain.iter().map(|c| c.to_vec()).collect();
+                    chain.push(self.state.ca.cert().to_vec());
+                    out.cert_chain = chain;
+                    out.expires_at = issued.not_after;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.audit_denied(ev, msg.clone());
+                    out.error = msg;
+                }
+            }
+            results.push(out);
+        }
+        Ok(Response::new(pb::SignX509SvidsResponse { results }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        const METHOD: &str = "node.MintJwtSvid";
+        let caller = self.authenticate(&req, METHOD)?;
+        let req = req.into_inner();
+        let mut ev = caller.event(METHOD);
+        ev.audience = Some(req.audience.clone());
+        ev.spiffe_id = Some(req.spiffe_id.clone());
+        // Validate.
+        let id = match SpiffeId::parse(&req.spiffe_id) {
+            Ok(id) => id,
+            Err(e) => {
+                self.audit_denied(ev, format!("bad spiffe_id: {e}"));
+                return Err(Status::invalid_argument(
+                    "spiffe_id is not a valid SPIFFE ID",
+                ));
+            }
+        };
+        if req.audience.is_empty() {
+            self.audit_denied(ev, "no audience");
+            return Err(Status::invalid_argument("exactly one audience is required"));
+        }
+        // Authorize.
+        let entries = self
+            .state
+            .store
+            .entries_by_parent(&caller.agent.spiffe_id)
+            .map_err(store_status)?;
+        let allowed =
+            match authz::authorize_jwt(&entries, &id, &req.audience, caller.agent.assurance) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.audit_denied(ev, e.to_string());
+                    return Err(e.into());
+                }
+            };
+        // Act.
+        let now = now_unix();
+        let signer = self.state.jwt.active();
+        let (signer, key_not_after) = (&signer.0, signer.1);
+        let exp = (now + allowed.entry().jwt_ttl).min(key_not_after);
+        if exp <= now {
+            return Err(Status::unavailable("no usable JWT signing key"));
+        }
+        let claims = JwtSvidClaims {
+            sub: id.clone(),
+            aud: req.audience.clone(),
+            exp,
+            iat: now,
+            jti: random_jti(),
+            iss: self.state.jwt_issuer.clone(),
+            acr: Some(caller.agent.assurance.acr().into()),
+            amr: vec![caller.agent.method.clone(), methods::PEERCRED.into()],
+            cnf: None,
+        };
+        let token = signer
+            .sign(&claims)
+            .map_err(|_| Status::internal("signing failed"))?;
+        // Audit before the token leaves.
+        ev.outcome = "ok";
+        ev.jti = Some(claims.jti.clone());
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token,
+            expires_at: exp,
+        }))
+    }
+
+    async fn fetch_bundle(
+        &self,
+        req: Request<pb::FetchBundleRequest>,
+    ) -> Result<Response<pb::FetchBundleResponse>, Status> {
+        self.authenticate(&req, "node.FetchBundle")?;
+        let b = self.state.bundle();
+        Ok(Response::new(pb::FetchBundleResponse {
+            sequence: b.sequence.unwrap_or(0),
+            bundle: b.to_spiffe_json(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::MemoryAuditSink;
+    use crate::ca::{JwtKeyPolicy, load_or_init};
+    use crate::entry::{EntryRequest, TtlPolicy};
+    use crate::store::{SledStore, Store};
+    use pb::node_server::Node;
+    use rcgen::PublicKeyData;
+    use rustls_pki_types::CertificateDer;
+    use sigil::{JwtSvidValidator, TrustDomain};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: Arc<ServerState>,
+        audit: Arc<MemoryAuditSink>,
+        api: NodeApi,
+        chain: Vec<CertificateDer<'static>>,
+        agent: SpiffeId,
+    }
+
+    fn spki() -> Vec<u8> {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .subject_public_key_info()
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+        let (ca, jwt) = load_or_init(store.clone(), &td, 86400, JwtKeyPolicy::default()).unwrap();
+        let audit = Arc::new(MemoryAuditSink::default());
+        let state = Arc::new(ServerState {
+            td,
+            store: store.clone(),
+            ca,
+            jwt,
+            audit: audit.clone(),
+            ttl: TtlPolicy::default(),
+            agent_svid_ttl: 3600,
+            jwt_issuer: None,
+        });
+        let api = NodeApi::new(state.clone());
+        let token = "t0k3n";
+        store
+            .put_join_token(&sha256(token.as_bytes()), now_unix() + 60)
+            .unwrap();
+        let resp = api
+            .attest(Request::new(pb::AttestRequest {
+                method: Some(pb::attest_request::Method::JoinToken(
+                    pb::JoinTokenAttestation {
+                        token: token.into(),
+                    },
+                )),
+                public_key: spki(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(pb::attest_response::Result::Svid(svid)) = resp.result else {
+            panic!("no svid");
+        };
+        let agent = SpiffeId::parse(&svid.spiffe_id).unwrap();
+        let entry = crate::entry::validate(
+            &EntryRequest {
+                spiffe_id: "spiffe://example.org/w".into(),
+                parent_id: agent.to_string(),
+                selectors: vec!["unix:uid:1000".into()],
+                audiences: vec!["ehr-fhir".into()],
+                jwt_ttl: 300,
+                ..EntryRequest::default()
+            },
+            &state.td,
+            &state.ttl,
+            0,
+        )
+        .unwrap();
+        store.create_entry(entry).unwrap();
+        Fixture {
+            _dir: dir,
+            state,
+            audit,
+            api,
+            chain: svid
+                .cert_chain
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            agent,
+        }
+    }
+
+    impl Fixture {
+        fn req<T>(&self, msg: T) -> Request<T> {
+            let mut r = Request::new(msg);
+            r.extensions_mut()
+                .insert(PeerCerts(Some(Arc::new(self.chain.clone()))));
+            r
+        }
+
+        async fn mint(&self, aud: &str) -> Result<pb::MintJwtSvidResponse, Status> {
+            self.api
+                .mint_jwt_svid(self.req(pb::MintJwtSvidRequest {
+                    spiffe_id: "spiffe://example.org/w".into(),
+                    audience: aud.into(),
+                }))
+                .await
+                .map(Response::into_inner)
+        }
+    }
+
+    #[tokio::test]
+    async fn jwt_claims_and_denied_audience_is_audited() {
+        let f = fixture().await;
+        let ok = f.mint("ehr-fhir").await.unwrap();
+        let v = JwtSvidValidator::new("ehr-fhir")
+            .validate(
+                &ok.token,
+                &f.state.bundle_set(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(v.expiry() - v.issued_at().unwrap(), 300);
+        assert_eq!(v.acr(), Some("sigil:al1"));
+        assert_eq!(v.amr(), ["join_token", "peercred"]);
+
+        let err = f.mint("ehr-fhir-admin").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let lines = f.audit.lines();
+        let last = lines.last().unwrap();
+        assert_eq!(last.outcome, "denied");
+        assert_eq!(last.audience.as_deref(), Some("ehr-fhir-admin"));
+        assert_eq!(last.caller, f.agent.as_str());
+        assert_eq!(
+            last.reason.as_deref(),
+            Some("audience not allowed by the registration entry")
+        );
+        let minted = lines.iter().find(|l| l.outcome == "ok" && l.jti.is_some());
+        assert_eq!(minted.unwrap().jti.as_deref(), v.jti());
+    }
+
+    #[tokio::test]
+    async fn mint_fails_unavailable_when_the_audit_line_cannot_be_written() {
+        let f = fixture().await;
+        f.audit.set_failing(true);
+        let err = f.mint("ehr-fhir").await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let err = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        f.audit.set_failing(false);
+        assert!(f.mint("ehr-fhir").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn forced_jwt_key_rotation_keeps_old_tokens_valid() {
+        let f = fixture().await;
+        let before = f.mint("ehr-fhir").await.unwrap().token;
+        f.state.jwt.force_rotate(now_unix()).unwrap();
+        let after = f.mint("ehr-fhir").await.unwrap().token;
+        let bundles = f.state.bundle_set();
+        let now = std::time::SystemTime::now();
+        let v1 = JwtSvidValidator::new("ehr-fhir")
+            .validate(&before, &bundles, now)
+            .unwrap();
+        let v2 = JwtSvidValidator::new("ehr-fhir")
+            .validate(&after, &bundles, now)
+            .unwrap();
+        assert_ne!(v1.kid(), v2.kid());
+        assert_eq!(v2.kid(), f.state.jwt.active().0.kid());
+    }
+
+    #[tokio::test]
+    async fn other_agents_entries_and_foreign_certs_are_refused() {
+        let f = fixture().await;
+        // No certificate at all.
+        let err = f
+            .api
+            .fetch_bundle(Request::new(pb::FetchBundleRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        // A workload SVID is not an agent SVID.
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let workload_chain: Vec<CertificateDer<'static>> = r.results[0]
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect();
+        let mut req = Request::new(pb::FetchBundleRequest {});
+        req.extensions_mut()
+            .insert(PeerCerts(Some(Arc::new(workload_chain))));
+        let err = f.api.fetch_bundle(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        // An entry of another agent cannot be signed.
+        let other = crate::entry::validate(
+            &EntryRequest {
+                spiffe_id: "spiffe://example.org/other".into(),
+                parent_id: "spiffe://example.org/agent/join/someone".into(),
+                selectors: vec!["unix:uid:1".into()],
+                audiences: vec!["ehr-fhir".into()],
+                ..EntryRequest::default()
+            },
+            &f.state.td,
+            &f.state.ttl,
+            0,
+        )
+        .unwrap();
+        let other = f.state.store.create_entry(other).unwrap();
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![pb::X509SvidRequest {
+                    entry_id: other.id,
+                    public_key: spki(),
+                }],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.results[0].cert_chain.is_empty());
+        assert_eq!(r.results[0].error, "entry belongs to another agent");
+        let err = f
+            .api
+            .mint_jwt_svid(f.req(pb::MintJwtSvidRequest {
+                spiffe_id: "spiffe://example.org/other".into(),
+                audience: "ehr-fhir".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+}

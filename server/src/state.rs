@@ -1,0 +1,65 @@
+//! What every API handler shares.
+
+use crate::audit::{AuditEvent, AuditSink};
+use crate::ca::{self, Ca, JwtKeys};
+use crate::entry::TtlPolicy;
+use crate::model::{hex, random_bytes};
+use crate::store::Store;
+use sigil::{Bundle, BundleSet, TrustDomain};
+use std::sync::Arc;
+
+/// Server state shared by the node and admin APIs.
+#[derive(Debug)]
+pub struct ServerState {
+    /// The trust domain.
+    pub td: TrustDomain,
+    /// Persistent state.
+    pub store: Arc<dyn Store>,
+    /// The X.509 CA.
+    pub ca: Ca,
+    /// The JWT keys.
+    pub jwt: JwtKeys,
+    /// The audit log.
+    pub audit: Arc<dyn AuditSink>,
+    /// Entry TTL policy.
+    pub ttl: TtlPolicy,
+    /// Agent SVID lifetime, seconds.
+    pub agent_svid_ttl: i64,
+    /// `iss` claim of JWT-SVIDs, if any.
+    pub jwt_issuer: Option<String>,
+}
+
+impl ServerState {
+    /// The trust bundle as published now. Its sequence number is the newest
+    /// key creation time, so it grows with every rotation.
+    pub fn bundle(&self) -> Bundle {
+        let seq = self
+            .jwt
+            .published()
+            .iter()
+            .map(|k| k.created_at)
+            .max()
+            .unwrap_or(0)
+            .max(0) as u64;
+        ca::bundle(&self.td, &self.ca, &self.jwt, seq)
+    }
+
+    /// The bundle as a one-element set (for verification).
+    pub fn bundle_set(&self) -> BundleSet {
+        [self.bundle()].into_iter().collect()
+    }
+
+    /// Writes an audit line.
+    pub fn audit(&self, ev: &AuditEvent) -> Result<(), crate::audit::AuditError> {
+        let r = self.audit.record(ev);
+        if let Err(e) = &r {
+            tracing::error!(error = %e, method = %ev.method, "audit log write failed");
+        }
+        r
+    }
+}
+
+/// A random request ID.
+pub fn request_id() -> String {
+    random_bytes::<8>().map(|b| hex(&b)).unwrap_or_default()
+}
