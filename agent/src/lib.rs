@@ -17,5 +17,7 @@
 //! audit log gets the detail.
 
 pub mod entry;
+pub mod identity;
+pub mod local_ca;
 pub mod selector;
 pub mod workload_attest;
