@@ -16,8 +16,10 @@
 //! audit*; the caller sees a generic message and the right gRPC status, the
 //! audit log gets the detail.
 
+pub mod audit;
 pub mod entry;
 pub mod identity;
 pub mod local_ca;
 pub mod selector;
+pub mod workload_api;
 pub mod workload_attest;
