@@ -77,6 +77,12 @@ pub enum LocalCaError {
     Svid(#[from] sigil::X509SvidError),
 }
 
+impl From<time::error::ComponentRange> for LocalCaError {
+    fn from(e: time::error::ComponentRange) -> Self {
+        Self::Certificate(e.to_string())
+    }
+}
+
 impl From<rcgen::Error> for LocalCaError {
     fn from(e: rcgen::Error) -> Self {
         Self::Certificate(e.to_string())
@@ -452,8 +458,9 @@ fn mint_x509(ca: &Ca, id: &SpiffeId, ttl: Duration) -> Result<MintedX509, LocalC
     let issued = Instant::now();
     let now = OffsetDateTime::now_utc();
     params.not_before = now - BACKDATE;
-    // A leaf never outlives its CA.
-    let not_after = (now + ttl).min(ca.not_after);
+    // A leaf never outlives its CA. Certificates carry whole seconds, so
+    // the rotation schedule uses the truncated expiry.
+    let not_after = (now + ttl).min(ca.not_after).replace_nanosecond(0)?;
     params.not_after = not_after;
     let issuer = Issuer::from_params(&ca.params, &ca.key);
     let cert = params.signed_by(&key, &issuer)?;

@@ -724,3 +724,38 @@ async fn grpc_health_on_the_same_socket() {
         .mode();
     assert_eq!(mode & 0o777, 0o777);
 }
+
+#[tokio::test]
+async fn the_spiffe_crate_sources_follow_the_agent() {
+    let mut e = my_entry();
+    e.x509_ttl = Duration::from_secs(4);
+    let agent = Agent::start(vec![e]).await;
+
+    let x509 = spiffe::X509Source::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let first = x509.svid().unwrap();
+    assert_eq!(first.spiffe_id().to_string(), WORKLOAD);
+    let mut updates = x509.updated();
+    tokio::time::timeout(
+        Duration::from_secs(4),
+        updates.wait_for(|_| x509.svid().unwrap().leaf().as_bytes() != first.leaf().as_bytes()),
+    )
+    .await
+    .expect("X509Source saw no rotation")
+    .unwrap();
+
+    let jwt = spiffe::JwtSource::builder()
+        .endpoint(agent.endpoint())
+        .build()
+        .await
+        .unwrap();
+    let svid = jwt.fetch_jwt_svid(["calendar"]).await.unwrap();
+    let bundles = jwt.bundle_set().unwrap();
+    JwtSvid::parse_and_validate(svid.token(), bundles.as_ref(), &["calendar"]).unwrap();
+    assert!(jwt.fetch_jwt_svid(["payments"]).await.is_err());
+    x509.shutdown().await;
+    jwt.shutdown().await;
+}
