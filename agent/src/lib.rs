@@ -9,6 +9,8 @@
 //!   audiences each entry may mint JWT-SVIDs for (pure functions);
 //! - [`identity`]: the narrow boundary to whatever holds the SVIDs (the cache
 //!   synced from the server, or [`local_ca::LocalCa`] in tests and demos);
+//! - [`jwt_cache`]: JWT-SVIDs cached per (identity, audience) until half
+//!   life, served from cache while the source is unavailable;
 //! - [`workload_api`]: the SPIFFE Workload API over a Unix socket;
 //! - [`audit`]: one JSON line per attested Workload API call.
 //!
@@ -19,6 +21,7 @@
 pub mod audit;
 pub mod entry;
 pub mod identity;
+pub mod jwt_cache;
 pub mod local_ca;
 pub mod selector;
 pub mod workload_api;

@@ -5,7 +5,9 @@
 
 use sigil::proto::workload as pb;
 use sigil_agent::audit::{AuditEvent, MemoryAudit, Outcome};
-use sigil_agent::entry::RegistrationEntry;
+use sigil_agent::entry::{AuthorizedAudience, RegistrationEntry};
+use sigil_agent::identity::{IdentitySnapshot, IdentitySource, MintedJwtSvid, SourceError};
+use sigil_agent::jwt_cache::JwtSvidCache;
 use sigil_agent::local_ca::{LocalCa, LocalCaConfig, RotationTask};
 use sigil_agent::selector::Selector;
 use sigil_agent::workload_api::{WorkloadApi, bind_socket};
@@ -13,6 +15,7 @@ use sigil_agent::workload_attest::UnixAttestor;
 use spiffe::{JwtSvid, WorkloadApiClient, WorkloadApiError};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
@@ -68,6 +71,14 @@ struct Agent {
 
 impl Agent {
     async fn start(entries: Vec<RegistrationEntry>) -> Self {
+        Self::start_with(entries, |ca| Arc::new(ca)).await
+    }
+
+    /// Starts with the source `wrap` builds around the CA.
+    async fn start_with(
+        entries: Vec<RegistrationEntry>,
+        wrap: impl FnOnce(LocalCa) -> Arc<dyn IdentitySource>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Other users (the setuid child) must reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -76,7 +87,7 @@ impl Agent {
         ca.set_entries(entries).unwrap();
         let rotation = ca.spawn_rotation();
         let audit = Arc::new(MemoryAudit::default());
-        let api = WorkloadApi::new(Arc::new(ca.clone()), attestor(), audit.clone());
+        let api = WorkloadApi::new(wrap(ca.clone()), attestor(), audit.clone());
         let listener = bind_socket(&socket).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -291,17 +302,12 @@ async fn validate_jwt_svid_through_the_agent() {
     // Wrong audience, garbage, and a token from another CA: InvalidArgument.
     let other = LocalCa::new(LocalCaConfig::new(sigil::TrustDomain::new(TD).unwrap())).unwrap();
     other.set_entries(vec![my_entry()]).unwrap();
-    let snap = sigil_agent::identity::IdentitySource::subscribe(&other)
-        .borrow()
-        .clone();
+    let snap = other.subscribe().borrow().clone();
     let matched: Vec<_> = snap.entries.iter().collect();
     let auth = sigil_agent::entry::authorize_jwt(&matched, None, "ehr-fhir")
         .unwrap()
         .remove(0);
-    let forged = sigil_agent::identity::IdentitySource::fetch_jwt_svid(&other, &auth)
-        .await
-        .unwrap()
-        .token;
+    let forged = other.fetch_jwt_svid(&auth).await.unwrap().token;
     for (aud, tok) in [
         ("calendar", token.as_str()),
         ("ehr-fhir", "not.a.jwt"),
@@ -758,4 +764,57 @@ async fn the_spiffe_crate_sources_follow_the_agent() {
     assert!(jwt.fetch_jwt_svid(["payments"]).await.is_err());
     x509.shutdown().await;
     jwt.shutdown().await;
+}
+
+/// The real CA behind a switch that simulates the server being down.
+struct Switchable {
+    ca: LocalCa,
+    down: Arc<AtomicBool>,
+}
+
+impl IdentitySource for Switchable {
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<IdentitySnapshot>> {
+        self.ca.subscribe()
+    }
+    fn fetch_jwt_svid<'a>(
+        &'a self,
+        a: &'a AuthorizedAudience,
+    ) -> futures::future::BoxFuture<'a, Result<MintedJwtSvid, SourceError>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Box::pin(async { Err(SourceError::Unavailable("server down".into())) });
+        }
+        self.ca.fetch_jwt_svid(a)
+    }
+}
+
+#[tokio::test]
+async fn source_outage_serves_cached_jwts_and_unavailable_for_new_audiences() {
+    let down = Arc::new(AtomicBool::new(false));
+    let switch = down.clone();
+    let agent = Agent::start_with(vec![my_entry()], move |ca| {
+        Arc::new(JwtSvidCache::new(Switchable { ca, down: switch }))
+    })
+    .await;
+    let client = agent.client().await;
+    let before = client.fetch_jwt_token(["ehr-fhir"], None).await.unwrap();
+    down.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let during = client.fetch_jwt_token(["ehr-fhir"], None).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(before, during);
+    // X.509 keeps being served from the snapshot.
+    client.fetch_x509_svid().await.unwrap();
+    let err = client.fetch_jwt_svid(["calendar"], None).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            WorkloadApiError::Transport(spiffe::transport::TransportError::Status(s))
+                if s.code() == spiffe::transport::GrpcStatusCode::Unavailable
+        ),
+        "{err:?}"
+    );
+    let ev = agent.events("FetchJWTSVID");
+    let last = ev.last().unwrap();
+    assert_eq!(last.outcome, Outcome::Error);
+    assert_eq!(last.audience.as_deref(), Some("calendar"));
 }
