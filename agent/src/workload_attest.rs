@@ -26,7 +26,7 @@
 //! | `unix:uid:N`, `unix:gid:N` | `SO_PEERCRED` (effective ids at connect) |
 //! | `unix:user:NAME`, `unix:group:NAME` | those ids in the passwd / group files |
 //! | `unix:supplementary_gid:N`, `unix:supplementary_group:NAME` | `Groups:` of `/proc/<pid>/status` |
-//! | `unix:path:/abs/exe` | `/proc/<pid>/exe`; left out when the file was deleted |
+//! | `unix:path:/abs/exe` | `/proc/<pid>/exe`; left out when the file was deleted or the caller is in another mount namespace (a container's `/usr/bin/x` is not the host's) |
 //! | `unix:sha256:HEX` | SHA-256 of the executable read through `/proc/<pid>/exe` |
 //! | `systemd:unit:NAME.service` | the system unit in `/proc/<pid>/cgroup` |
 //! | `cgroup:container_id:HEX` | a 64-hex container id in `/proc/<pid>/cgroup` |
@@ -271,6 +271,15 @@ impl PinnedProcess {
         Ok(PathBuf::from(os))
     }
 
+    /// True when the process is in the agent's own mount namespace (so its
+    /// executable path means what it means to the agent). False when either
+    /// namespace cannot be read.
+    pub fn shares_mount_namespace(&self) -> bool {
+        let theirs = rustix::fs::readlinkat(&self.dir, "ns/mnt", Vec::new());
+        let ours = rustix::fs::readlink("/proc/self/ns/mnt", Vec::new());
+        matches!((theirs, ours), (Ok(a), Ok(b)) if a == b)
+    }
+
     /// Opens the executable through `/proc/<pid>/exe`: the file the process
     /// runs, even if its path now names another file.
     pub fn open_exe(&self) -> std::io::Result<File> {
@@ -483,6 +492,11 @@ impl WorkloadAttestor for UnixAttestor {
                 if path.ends_with(" (deleted)") {
                     out.notes
                         .push("executable was deleted: no unix:path".into());
+                } else if !p.shares_mount_namespace() {
+                    // The path is relative to another root (a container):
+                    // it names a file the agent cannot vouch for.
+                    out.notes
+                        .push("caller is in another mount namespace: no unix:path".into());
                 } else {
                     add(&mut out, "unix", format!("path:{path}"));
                 }
@@ -869,6 +883,54 @@ mod tests {
         assert_eq!(
             PinnedProcess::pin(creds).map(|_| ()),
             Err(AttestError::ProcessGone(creds.pid))
+        );
+    }
+
+    #[test]
+    fn no_path_selector_across_mount_namespaces() {
+        let Ok(mut child) = Command::new("unshare")
+            .args(["-m", "sleep", "30"])
+            .stdin(Stdio::null())
+            .spawn()
+        else {
+            eprintln!("unshare(1) unavailable; skipping");
+            return;
+        };
+        let creds = PeerCredentials {
+            pid: child.id() as i32,
+            ..self_creds()
+        };
+        // Wait until unshare has exec'd sleep in its new namespace.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pinned = loop {
+            let p = PinnedProcess::pin(creds).unwrap();
+            if p.exe_link().unwrap().ends_with("sleep") || Instant::now() > deadline {
+                break p;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let a = UnixAttestor::default().attest(&pinned).unwrap();
+        let shared = pinned.shares_mount_namespace();
+        let _ = child.kill();
+        let _ = child.wait();
+        if shared {
+            eprintln!("unshare -m did not create a mount namespace (no privilege); skipping");
+            return;
+        }
+        assert!(
+            !a.selectors.iter().any(|s| s.value().starts_with("path:")),
+            "{a:?}"
+        );
+        assert!(a.exe_sha256.is_some());
+        assert!(
+            a.notes.iter().any(|n| n.contains("mount namespace")),
+            "{a:?}"
+        );
+        // The test process itself shares its own namespace.
+        assert!(
+            PinnedProcess::pin(self_creds())
+                .unwrap()
+                .shares_mount_namespace()
         );
     }
 
