@@ -29,13 +29,29 @@ pub enum ClientError {
     Connect(String),
     /// The server answered with an error status.
     #[error("Workload API error: {} ({:?})", .0.message(), .0.code())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// The server's answer does not hold what the spec requires.
     #[error("invalid Workload API response: {0}")]
     InvalidResponse(String),
     /// The stream ended before the first message.
     #[error("Workload API stream ended")]
     StreamEnded,
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+impl ClientError {
+    /// The gRPC status code, when the server answered with one.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            Self::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
 }
 
 /// X.509-SVIDs and bundles, as one `FetchX509SVID` message carries them.

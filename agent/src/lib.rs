@@ -19,10 +19,13 @@
 //! audit log gets the detail.
 
 pub mod audit;
+pub mod cache;
 pub mod entry;
 pub mod identity;
 pub mod jwt_cache;
 pub mod local_ca;
+pub mod node_client;
+pub mod run;
 pub mod selector;
 pub mod workload_api;
 pub mod workload_attest;

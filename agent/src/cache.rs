@@ -1,0 +1,583 @@
+//! The agent's identity cache, synced from the server: the real
+//! [`IdentitySource`] behind the Workload API.
+//!
+//! - Entries for this node are synced **incrementally** (`SyncEntries` with
+//!   the last revision), bundles with `FetchBundle`.
+//! - X.509-SVIDs are pre-minted for every entry: the key is generated here,
+//!   only the public key goes to the server (`SignX509Svids`, batched), and
+//!   each SVID is re-minted at about half its life, with jitter.
+//! - The agent SVID is renewed the same way (`RenewAgent`, new key).
+//! - Everything lives in one state file in the data dir (mode 0600, written
+//!   atomically), so a restarted agent serves its cache at once, before it
+//!   reaches the server; while the server is unreachable the last snapshot
+//!   keeps being served and sync retries with backoff.
+//! - JWT-SVIDs are minted by the server on demand (`MintJwtSvid`); put a
+//!   [`crate::jwt_cache::JwtSvidCache`] in front for caching.
+
+use crate::entry::{AuthorizedAudience, RegistrationEntry};
+use crate::identity::{
+    IdentitySnapshot, IdentitySource, MintedJwtSvid, NodeAttestation, SourceError,
+};
+use crate::node_client::NodeClient;
+use crate::selector::Selector;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use sigil::bundle::Bundle;
+use sigil::proto::node::v1 as pb;
+use sigil::source::SharedBundles;
+use sigil::tls::SvidResolver;
+use sigil::{AssuranceLevel, BundleSet, PrivateKey, SpiffeId, TrustDomain, X509Svid};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// The state file's name in the data dir.
+pub const STATE_FILE: &str = "agent-state.json";
+
+/// SubjectPublicKeyInfo DER of a P-256 public key (uncompressed point).
+pub fn p256_spki_der(sec1: &[u8]) -> Vec<u8> {
+    // SEQUENCE { SEQUENCE { id-ecPublicKey, prime256v1 }, BIT STRING }
+    const PREFIX: [u8; 26] = [
+        0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08,
+        0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+    ];
+    let mut out = PREFIX.to_vec();
+    out.extend_from_slice(sec1);
+    out
+}
+
+/// An SVID as persisted: DER chain and PKCS#8 key, base64.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredSvid {
+    /// DER certificates, leaf first.
+    pub chain: Vec<String>,
+    /// PKCS#8 DER.
+    pub key: String,
+}
+
+impl std::fmt::Debug for StoredSvid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoredSvid(<redacted>)")
+    }
+}
+
+impl StoredSvid {
+    /// Encodes an SVID.
+    pub fn from_svid(svid: &X509Svid) -> Self {
+        Self {
+            chain: svid.chain().iter().map(|c| B64.encode(c)).collect(),
+            key: B64.encode(svid.private_key().secret_pkcs8_der()),
+        }
+    }
+
+    /// Decodes and checks the SVID.
+    pub fn to_svid(&self) -> Result<X509Svid, String> {
+        let chain = self
+            .chain
+            .iter()
+            .map(|c| B64.decode(c).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let key = B64.decode(&self.key).map_err(|e| e.to_string())?;
+        X509Svid::new(chain, PrivateKey::from_pkcs8_der(key)).map_err(|e| e.to_string())
+    }
+}
+
+/// A registration entry as the server sent it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Entry ID.
+    pub id: String,
+    /// SPIFFE ID issued.
+    pub spiffe_id: String,
+    /// `type:value` selectors.
+    pub selectors: Vec<String>,
+    /// Allowed audiences.
+    pub audiences: Vec<String>,
+    /// X.509-SVID TTL, seconds.
+    pub x509_ttl_seconds: i64,
+    /// JWT-SVID TTL, seconds.
+    pub jwt_ttl_seconds: i64,
+    /// Minimum node assurance (`sigil:al2`), empty for none.
+    pub min_assurance: String,
+    /// The server's revision of this entry.
+    pub revision: u64,
+}
+
+impl From<pb::Entry> for StoredEntry {
+    fn from(e: pb::Entry) -> Self {
+        Self {
+            id: e.id,
+            spiffe_id: e.spiffe_id,
+            selectors: e
+                .selectors
+                .into_iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect(),
+            audiences: e.audiences,
+            x509_ttl_seconds: e.x509_ttl_seconds,
+            jwt_ttl_seconds: e.jwt_ttl_seconds,
+            min_assurance: e.min_assurance,
+            revision: e.revision,
+        }
+    }
+}
+
+impl StoredEntry {
+    fn to_entry(&self) -> Result<RegistrationEntry, String> {
+        let id = SpiffeId::parse(&self.spiffe_id).map_err(|e| e.to_string())?;
+        let selectors = self
+            .selectors
+            .iter()
+            .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut e = RegistrationEntry::new(self.id.clone(), id, selectors);
+        e.audiences = self.audiences.clone();
+        if self.x509_ttl_seconds > 0 {
+            e.x509_ttl = Duration::from_secs(self.x509_ttl_seconds as u64);
+        }
+        if self.jwt_ttl_seconds > 0 {
+            e.jwt_ttl = Duration::from_secs(self.jwt_ttl_seconds as u64);
+        }
+        if !self.min_assurance.is_empty() {
+            e.min_assurance = Some(
+                self.min_assurance
+                    .parse()
+                    .map_err(|e: sigil::assurance::UnknownAssuranceLevel| e.to_string())?,
+            );
+        }
+        Ok(e)
+    }
+}
+
+/// Everything the agent keeps across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentState {
+    /// Trust domain name.
+    pub trust_domain: String,
+    /// This agent's SPIFFE ID.
+    pub agent_id: String,
+    /// Assurance level granted at attestation (`sigil:al1` …).
+    pub assurance: String,
+    /// Attestation method (`join_token`, `tpm`).
+    pub method: String,
+    /// The agent SVID.
+    pub agent_svid: StoredSvid,
+    /// The trust domain's bundle, SPIFFE JSON.
+    pub bundle: String,
+    /// Last synced entry revision.
+    pub revision: u64,
+    /// Entries for this node, by ID.
+    pub entries: BTreeMap<String, StoredEntry>,
+    /// Workload X.509-SVIDs by entry ID.
+    pub svids: BTreeMap<String, StoredSvid>,
+}
+
+impl AgentState {
+    /// Loads the state file, if there is one.
+    pub fn load(data_dir: &Path) -> Result<Option<Self>, String> {
+        let path = data_dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes the state file atomically with mode 0600.
+    pub fn save(&self, data_dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = data_dir.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, data_dir.join(STATE_FILE))
+    }
+
+    /// The trust domain.
+    pub fn td(&self) -> Result<TrustDomain, String> {
+        TrustDomain::new(&self.trust_domain).map_err(|e| e.to_string())
+    }
+
+    /// The bundle, parsed.
+    pub fn parsed_bundle(&self) -> Result<Bundle, String> {
+        Bundle::from_spiffe_json(self.td()?, self.bundle.as_bytes()).map_err(|e| e.to_string())
+    }
+}
+
+/// When an SVID should be replaced: half its life, less up to a tenth of
+/// its life of jitter, so a fleet does not renew in lockstep.
+fn refresh_at(svid: &X509Svid) -> i64 {
+    let nb = x509_parser::parse_x509_certificate(svid.leaf())
+        .map(|(_, c)| c.validity().not_before.timestamp())
+        .unwrap_or_else(|_| now_unix());
+    let life = (svid.not_after() - nb).max(0);
+    let mut b = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    let jitter = if life >= 10 {
+        i64::from(u32::from_le_bytes(b)) % (life / 10)
+    } else {
+        0
+    };
+    nb + life / 2 - jitter
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+struct Live {
+    state: AgentState,
+    /// Parsed workload SVIDs and when to replace them.
+    svids: BTreeMap<String, (Arc<X509Svid>, i64)>,
+    agent_refresh_at: i64,
+}
+
+/// The cache. Cheap to clone.
+#[derive(Clone)]
+pub struct ServerIdentitySource {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ServerIdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerIdentitySource")
+    }
+}
+
+struct Inner {
+    client: NodeClient,
+    resolver: Arc<SvidResolver>,
+    tls_bundles: Arc<SharedBundles>,
+    data_dir: PathBuf,
+    td: TrustDomain,
+    node: NodeAttestation,
+    live: Mutex<Live>,
+    tx: watch::Sender<Arc<IdentitySnapshot>>,
+}
+
+/// Sync failed; the cache keeps serving what it has.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The server did not answer or refused.
+    #[error("node API: {0}")]
+    Rpc(#[from] tonic::Status),
+    /// The server's answer is invalid.
+    #[error("invalid server response: {0}")]
+    Invalid(String),
+    /// The state file could not be written.
+    #[error("state file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ServerIdentitySource {
+    /// A cache over `state` (loaded or fresh from attestation), talking to
+    /// `server`. Publishes the persisted snapshot at once.
+    pub fn new(server: &str, state: AgentState, data_dir: PathBuf) -> Result<Self, String> {
+        let td = state.td()?;
+        let level: AssuranceLevel = state
+            .assurance
+            .parse()
+            .map_err(|e: sigil::assurance::UnknownAssuranceLevel| e.to_string())?;
+        let node = NodeAttestation {
+            level,
+            method: state.method.clone(),
+        };
+        let agent_svid = state.agent_svid.to_svid()?;
+        let resolver = Arc::new(SvidResolver::new(&agent_svid).map_err(|e| e.to_string())?);
+        let bundle = state.parsed_bundle()?;
+        let tls_bundles = Arc::new(SharedBundles::new([bundle].into_iter().collect()));
+        let client = NodeClient::new(server, &td, tls_bundles.clone(), Some(resolver.clone()))
+            .map_err(|e| e.to_string())?;
+        let mut svids = BTreeMap::new();
+        for (id, s) in &state.svids {
+            // A stored SVID that no longer parses is re-minted at next sync.
+            if let Ok(svid) = s.to_svid() {
+                let at = refresh_at(&svid);
+                svids.insert(id.clone(), (Arc::new(svid), at));
+            }
+        }
+        let live = Live {
+            agent_refresh_at: refresh_at(&agent_svid),
+            state,
+            svids,
+        };
+        let (tx, _) = watch::channel(Arc::new(IdentitySnapshot::empty(td.clone(), node.clone())));
+        let me = Self {
+            inner: Arc::new(Inner {
+                client,
+                resolver,
+                tls_bundles,
+                data_dir,
+                td,
+                node,
+                live: Mutex::new(live),
+                tx,
+            }),
+        };
+        me.publish();
+        Ok(me)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self) {
+        let snap = {
+            let live = self.lock();
+            let mut entries = Vec::new();
+            for e in live.state.entries.values() {
+                match e.to_entry() {
+                    Ok(entry) => entries.push(Arc::new(entry)),
+                    Err(err) => {
+                        tracing::warn!(entry = %e.id, error = %err, "skipping invalid entry")
+                    }
+                }
+            }
+            let bundles: BundleSet = live.state.parsed_bundle().into_iter().collect();
+            IdentitySnapshot {
+                trust_domain: self.inner.td.clone(),
+                node: self.inner.node.clone(),
+                entries,
+                x509_svids: live
+                    .svids
+                    .iter()
+                    .map(|(k, (s, _))| (k.clone(), s.clone()))
+                    .collect(),
+                bundles,
+            }
+        };
+        self.inner.tx.send_replace(Arc::new(snap));
+    }
+
+    /// Follows the server: syncs every `interval`, backing off (to 30 s) while
+    /// the server is unreachable. Runs until the task is dropped.
+    pub async fn run(self, interval: Duration) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.sync_once().await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(200);
+                    tokio::time::sleep(interval).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "sync with the server failed; serving the cache");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    /// One round: renew the agent SVID if due, refresh the bundle, sync
+    /// entries since the last revision, (re-)mint the X.509-SVIDs that are
+    /// missing or due, persist, publish.
+    pub async fn sync_once(&self) -> Result<(), SyncError> {
+        let mut api = self.inner.client.api();
+        let now = now_unix();
+
+        // Agent SVID.
+        if now >= self.lock().agent_refresh_at {
+            let key = PrivateKey::generate_p256().map_err(|e| SyncError::Invalid(e.to_string()))?;
+            let spki = p256_spki_der(
+                &key.public_key_sec1()
+                    .map_err(|e| SyncError::Invalid(e.to_string()))?,
+            );
+            let resp = api
+                .renew_agent(pb::RenewAgentRequest { public_key: spki })
+                .await?
+                .into_inner();
+            let svid = resp
+                .svid
+                .ok_or_else(|| SyncError::Invalid("no agent SVID".into()))?;
+            let svid = X509Svid::new(svid.cert_chain.into_iter().map(Into::into).collect(), key)
+                .map_err(|e| SyncError::Invalid(e.to_string()))?;
+            self.inner
+                .resolver
+                .update(&svid)
+                .map_err(|e| SyncError::Invalid(e.to_string()))?;
+            let mut live = self.lock();
+            live.state.agent_svid = StoredSvid::from_svid(&svid);
+            live.agent_refresh_at = refresh_at(&svid);
+            live.state.save(&self.inner.data_dir)?;
+            tracing::info!(not_after = svid.not_after(), "agent SVID renewed");
+        }
+
+        // Bundle.
+        let bundle = api
+            .fetch_bundle(pb::FetchBundleRequest {})
+            .await?
+            .into_inner()
+            .bundle;
+        let parsed = Bundle::from_spiffe_json(self.inner.td.clone(), bundle.as_bytes())
+            .map_err(|e| SyncError::Invalid(format!("bundle: {e}")))?;
+        let mut changed = false;
+        {
+            let mut live = self.lock();
+            if live.state.bundle != bundle {
+                live.state.bundle = bundle;
+                self.inner
+                    .tls_bundles
+                    .update([parsed].into_iter().collect());
+                changed = true;
+            }
+        }
+
+        // Entries, incrementally.
+        let since = self.lock().state.revision;
+        let resp = api
+            .sync_entries(pb::SyncEntriesRequest {
+                since_revision: since,
+            })
+            .await?
+            .into_inner();
+        let mut stale: Vec<String> = Vec::new();
+        {
+            let mut live = self.lock();
+            for e in resp.entries {
+                let e = StoredEntry::from(e);
+                let id = e.id.clone();
+                if live.state.entries.get(&id) != Some(&e) {
+                    live.state.entries.insert(id.clone(), e);
+                    // A changed entry gets a fresh SVID.
+                    stale.push(id);
+                    changed = true;
+                }
+            }
+            for id in resp.deleted_entry_ids {
+                changed |= live.state.entries.remove(&id).is_some();
+                live.state.svids.remove(&id);
+                live.svids.remove(&id);
+            }
+            if live.state.revision != resp.revision {
+                live.state.revision = resp.revision;
+                changed = true;
+            }
+            for id in live.state.entries.keys() {
+                match live.svids.get(id) {
+                    Some((_, at)) if *at > now => {}
+                    _ => stale.push(id.clone()),
+                }
+            }
+        }
+        stale.sort();
+        stale.dedup();
+
+        // X.509-SVIDs, one batch.
+        if !stale.is_empty() {
+            let mut keys = BTreeMap::new();
+            let mut requests = Vec::with_capacity(stale.len());
+            for id in &stale {
+                let key =
+                    PrivateKey::generate_p256().map_err(|e| SyncError::Invalid(e.to_string()))?;
+                let sec1 = key
+                    .public_key_sec1()
+                    .map_err(|e| SyncError::Invalid(e.to_string()))?;
+                requests.push(pb::X509SvidRequest {
+                    entry_id: id.clone(),
+                    public_key: p256_spki_der(&sec1),
+                });
+                keys.insert(id.clone(), key);
+            }
+            let results = api
+                .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+                .await?
+                .into_inner()
+                .results;
+            let mut live = self.lock();
+            for r in results {
+                if !r.error.is_empty() {
+                    tracing::warn!(entry = %r.entry_id, error = %r.error, "server refused an X.509-SVID");
+                    continue;
+                }
+                let Some(key) = keys.remove(&r.entry_id) else {
+                    continue;
+                };
+                match X509Svid::new(r.cert_chain.into_iter().map(Into::into).collect(), key) {
+                    Ok(svid)
+                        if live
+                            .state
+                            .entries
+                            .get(&r.entry_id)
+                            .is_some_and(|e| e.spiffe_id == svid.spiffe_id().as_str()) =>
+                    {
+                        let at = refresh_at(&svid);
+                        live.state
+                            .svids
+                            .insert(r.entry_id.clone(), StoredSvid::from_svid(&svid));
+                        live.svids.insert(r.entry_id, (Arc::new(svid), at));
+                        changed = true;
+                    }
+                    Ok(_) => {
+                        tracing::warn!(entry = %r.entry_id, "server returned an SVID for another identity")
+                    }
+                    Err(e) => {
+                        tracing::warn!(entry = %r.entry_id, error = %e, "server returned an invalid SVID")
+                    }
+                }
+            }
+        }
+
+        if changed {
+            self.lock().state.save(&self.inner.data_dir)?;
+            self.publish();
+        }
+        Ok(())
+    }
+}
+
+impl IdentitySource for ServerIdentitySource {
+    fn subscribe(&self) -> watch::Receiver<Arc<IdentitySnapshot>> {
+        self.inner.tx.subscribe()
+    }
+
+    fn fetch_jwt_svid<'a>(
+        &'a self,
+        authorized: &'a AuthorizedAudience,
+    ) -> BoxFuture<'a, Result<MintedJwtSvid, SourceError>> {
+        Box::pin(async move {
+            let mut api = self.inner.client.api();
+            let resp = api
+                .mint_jwt_svid(pb::MintJwtSvidRequest {
+                    spiffe_id: authorized.entry().spiffe_id.to_string(),
+                    audience: authorized.audience().to_owned(),
+                })
+                .await
+                .map_err(|s| match s.code() {
+                    tonic::Code::PermissionDenied | tonic::Code::NotFound => {
+                        SourceError::UnknownEntry(authorized.entry().id.clone())
+                    }
+                    tonic::Code::InvalidArgument | tonic::Code::Internal => {
+                        SourceError::Internal(s.message().to_owned())
+                    }
+                    _ => SourceError::Unavailable(s.message().to_owned()),
+                })?
+                .into_inner();
+            Ok(MintedJwtSvid {
+                spiffe_id: authorized.entry().spiffe_id.clone(),
+                token: resp.token,
+                expiry: resp.expires_at,
+            })
+        })
+    }
+}
