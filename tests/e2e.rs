@@ -1,0 +1,352 @@
+//! End to end: the real `sigil-server`, `sigil-agent` and `sigil` binaries,
+//! real sockets, temp dirs, free ports; workloads use the unmodified Rust
+//! `spiffe` crate. Processes are killed on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use spiffe::{WorkloadApiClient, WorkloadApiError};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+const TD: &str = "e2e.sigil.test";
+
+/// A workspace binary: next to this test's `deps/` dir (cargo test
+/// --workspace builds them all first), else built now.
+fn bin(name: &str, package: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    if !path.exists() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", package])
+            .status()
+            .unwrap();
+        assert!(st.success(), "building {package}");
+    }
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, child: &mut Child, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "{what} not ready in {timeout:?}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Sigil {
+    dir: tempfile::TempDir,
+    port: u16,
+    server: Proc,
+    agent: Proc,
+    agent_id: String,
+}
+
+impl Sigil {
+    fn admin_socket(&self) -> PathBuf {
+        self.dir.path().join("server/admin.sock")
+    }
+    fn api_socket(&self) -> PathBuf {
+        self.dir.path().join("agent/api.sock")
+    }
+    fn endpoint(&self) -> String {
+        format!("unix://{}", self.api_socket().display())
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sigil", "sigil-cli"))
+            .args(args)
+            .env("SIGIL_ADMIN_SOCKET", self.admin_socket())
+            .env("SPIFFE_ENDPOINT_SOCKET", self.endpoint())
+            .output()
+            .unwrap()
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(o.status.success(), "sigil {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn start_server(&mut self) {
+        let child = Command::new(bin("sigil-server", "sigil-server"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("server"))
+            .arg("--trust-domain")
+            .arg(TD)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.server = Proc(Some(child));
+        let (sock, port) = (self.admin_socket(), self.port);
+        wait_for("sigil-server", self.server.0.as_mut().unwrap(), Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn start_agent(&mut self, join_token: Option<&str>) {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let mut cmd = Command::new(bin("sigil-agent", "sigil-agent"));
+        cmd.arg("run")
+            .arg("--server")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--trust-domain")
+            .arg(TD)
+            .arg("--trust-bundle")
+            .arg(self.dir.path().join("bundle.pem"))
+            .arg("--socket")
+            .arg(self.api_socket())
+            .arg("--data-dir")
+            .arg(self.dir.path().join("agent/data"))
+            .arg("--sync-interval")
+            .arg("500ms")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(t) = join_token {
+            cmd.arg("--join-token").arg(t);
+        }
+        self.agent = Proc(Some(cmd.spawn().unwrap()));
+        let sock = self.api_socket();
+        wait_for("sigil-agent", self.agent.0.as_mut().unwrap(), Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+    }
+
+    /// Server + attested agent; no entries yet.
+    fn start() -> Self {
+        let mut s = Self {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            server: Proc(None),
+            agent: Proc(None),
+            agent_id: String::new(),
+        };
+        s.start_server();
+        let pem = s.cli_ok(&["bundle", "show", "--format", "pem"]);
+        std::fs::write(s.dir.path().join("bundle.pem"), pem).unwrap();
+        let tok: serde_json::Value =
+            serde_json::from_str(&s.cli_ok(&["token", "create", "--ttl", "10m", "--output", "json"]))
+                .unwrap();
+        s.agent_id = tok["agent_id"].as_str().unwrap().to_owned();
+        s.start_agent(tok["token"].as_str());
+        s
+    }
+
+    /// An entry for this test process's uid.
+    fn register(&self, path: &str, extra: &[&str]) -> String {
+        let id = format!("spiffe://{TD}{path}");
+        let uid = rustix_uid();
+        let sel = format!("unix:uid:{uid}");
+        let mut args = vec![
+            "entry", "create", "--spiffe-id", &id, "--parent-id", &self.agent_id, "--selector", &sel,
+            "--output", "json",
+        ];
+        if uid == 0 {
+            args.push("--allow-root");
+        }
+        args.extend_from_slice(extra);
+        self.cli_ok(&args);
+        id
+    }
+
+    async fn client(&self) -> WorkloadApiClient {
+        WorkloadApiClient::connect_to(self.endpoint()).await.unwrap()
+    }
+
+    /// Waits until the agent serves an X.509-SVID for `id`.
+    async fn wait_for_svid(&self, id: &str) -> std::sync::Arc<spiffe::X509Svid> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(ctx) = self.client().await.fetch_x509_context().await
+                && let Some(s) = ctx.svids().iter().find(|s| s.spiffe_id().to_string() == id)
+            {
+                return s.clone();
+            }
+            assert!(Instant::now() < deadline, "no SVID for {id}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn server_bundle(&self) -> sigil::BundleSet {
+        let json = self.cli_ok(&["bundle", "show", "--format", "spiffe"]);
+        let td = sigil::TrustDomain::new(TD).unwrap();
+        [sigil::Bundle::parse_any(td, json.as_bytes()).unwrap()].into_iter().collect()
+    }
+}
+
+fn rustix_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The uid this process runs as: a file it creates is owned by it.
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().metadata().unwrap().uid()
+}
+
+fn status_code(e: &WorkloadApiError) -> Option<spiffe::transport::GrpcStatusCode> {
+    match e {
+        WorkloadApiError::Transport(spiffe::transport::TransportError::Status(s)) => Some(s.code()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workloads_get_svids_through_real_server_and_agent() {
+    let s = Sigil::start();
+    let id = s.register("/agent/triage", &["--audience", "ehr-fhir", "--audience", "calendar"]);
+    let svid = s.wait_for_svid(&id).await;
+
+    // The X.509-SVID verifies under Sigil's strict verifier with the
+    // server's published bundle, and with openssl.
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec().into())
+        .collect();
+    let bundles = s.server_bundle();
+    let v = sigil::verify_x509_svid(&chain, &bundles, SystemTime::now(), &sigil::validate::x509::AnyId)
+        .unwrap();
+    assert_eq!(v.spiffe_id().as_str(), id);
+    let out = s.dir.path().join("svid");
+    s.cli_ok(&["fetch", "x509", "--out", out.to_str().unwrap()]);
+    let o = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(out.join("bundle.pem"))
+        .arg(out.join("svid.pem"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "openssl verify: {}", String::from_utf8_lossy(&o.stderr));
+
+    // A JWT-SVID for an allowed tool: exactly that audience, and it
+    // validates with the library against the server's bundle.
+    let client = s.client().await;
+    let jwt = client.fetch_jwt_svid(["ehr-fhir"], None).await.unwrap();
+    assert_eq!(jwt.audience(), ["ehr-fhir"]);
+    let ok = sigil::JwtSvidValidator::new("ehr-fhir")
+        .validate(jwt.token(), &bundles, SystemTime::now())
+        .unwrap();
+    assert_eq!(ok.spiffe_id().as_str(), id);
+    assert_eq!(ok.acr(), Some("sigil:al1"));
+    // …not for the other tool.
+    assert!(
+        sigil::JwtSvidValidator::new("calendar")
+            .validate(jwt.token(), &bundles, SystemTime::now())
+            .is_err()
+    );
+    // ValidateJWTSVID through the agent.
+    let v = client.validate_jwt_token("ehr-fhir", jwt.token()).await.unwrap();
+    assert_eq!(v.spiffe_id().to_string(), id);
+
+    // A tool the entry does not list: PermissionDenied, and the server's
+    // audit log has nothing minted for it.
+    let err = client.fetch_jwt_svid(["payments"], None).await.unwrap_err();
+    assert_eq!(status_code(&err), Some(spiffe::transport::GrpcStatusCode::PermissionDenied), "{err:?}");
+    let audit = std::fs::read_to_string(s.dir.path().join("server/audit.log")).unwrap();
+    assert!(audit.contains("\"audience\":\"ehr-fhir\""));
+    assert!(!audit.contains("\"audience\":\"payments\""));
+    let agent_audit = std::fs::read_to_string(s.dir.path().join("agent/data/audit.log")).unwrap();
+    assert!(agent_audit.lines().any(|l| l.contains("\"payments\"") && l.contains("\"denied\"")));
+
+    // The sigil CLI over $SPIFFE_ENDPOINT_SOCKET.
+    let token = s.cli_ok(&["fetch", "jwt", "--audience", "calendar"]);
+    assert_eq!(token.trim().split('.').count(), 3);
+    let o = s.cli(&["fetch", "jwt", "--audience", "payments"]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_outage_restart_and_rotation() {
+    let mut s = Sigil::start();
+    let id = s.register("/agent/scheduler", &["--audience", "ehr-fhir", "--audience", "calendar", "--x509-ttl", "60s"]);
+    let first = s.wait_for_svid(&id).await;
+    let client = s.client().await;
+    let jwt = client.fetch_jwt_token(["ehr-fhir"], None).await.unwrap();
+
+    // Server down: cached SVIDs are served at once; a JWT for an audience
+    // never requested before is Unavailable.
+    s.server.kill();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let ctx = client.fetch_x509_context().await.unwrap();
+        assert!(t.elapsed() < Duration::from_millis(50), "X.509 fetch took {:?}", t.elapsed());
+        assert_eq!(ctx.default_svid().unwrap().spiffe_id().to_string(), id);
+        let t = Instant::now();
+        assert_eq!(client.fetch_jwt_token(["ehr-fhir"], None).await.unwrap(), jwt);
+        assert!(t.elapsed() < Duration::from_millis(50), "JWT fetch took {:?}", t.elapsed());
+    }
+    let err = client.fetch_jwt_svid(["calendar"], None).await.unwrap_err();
+    assert_eq!(status_code(&err), Some(spiffe::transport::GrpcStatusCode::Unavailable), "{err:?}");
+
+    // Agent restart while the server is still down: the persisted cache is
+    // served within a second, without a join token.
+    s.agent.kill();
+    let t = Instant::now();
+    s.start_agent(None);
+    let ctx = s.client().await.fetch_x509_context().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "restart took {:?}", t.elapsed());
+    assert_eq!(ctx.default_svid().unwrap().spiffe_id().to_string(), id);
+
+    // Server back: the stream resumes and rotation goes on — with a 60 s
+    // TTL the X.509 stream pushes a new SVID before the old one expires.
+    s.start_server();
+    let client = s.client().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(50);
+    let rotated = loop {
+        let next = tokio::time::timeout(Duration::from_secs(50), futures_next(&mut stream))
+            .await
+            .expect("no X.509 update")
+            .unwrap()
+            .unwrap();
+        let svid = next.default_svid().unwrap().clone();
+        if svid.leaf().as_bytes() != first.leaf().as_bytes() {
+            break svid;
+        }
+        assert!(Instant::now() < deadline, "no rotation");
+    };
+    let not_after = |c: &[u8]| x509_parser::parse_x509_certificate(c).unwrap().1.validity().not_after.timestamp();
+    assert!(not_after(rotated.leaf().as_bytes()) > not_after(first.leaf().as_bytes()));
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(now < not_after(first.leaf().as_bytes()), "rotated only after the old SVID expired");
+    // New mints work again.
+    client.fetch_jwt_svid(["calendar"], None).await.unwrap();
+}
+
+async fn futures_next<S: futures::Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    use futures::StreamExt;
+    s.next().await
+}
