@@ -51,7 +51,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
@@ -184,6 +184,9 @@ pub struct WorkloadApi {
     source: Arc<dyn IdentitySource>,
     attestor: Arc<dyn WorkloadAttestor>,
     audit: Arc<dyn AuditSink>,
+    /// Set to true when serving stops, so streams end and graceful shutdown
+    /// does not wait for clients that never hang up.
+    stop: Arc<watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -256,6 +259,7 @@ impl WorkloadApi {
             source,
             attestor,
             audit,
+            stop: Arc::new(watch::channel(false).0),
         }
     }
 
@@ -349,6 +353,7 @@ impl WorkloadApi {
         F: Fn(&IdentitySnapshot, &[&Arc<RegistrationEntry>]) -> Option<T> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(2);
+        let mut stop = self.stop.subscribe();
         let mut updates = self.source.subscribe();
         let audit = Arc::clone(&self.audit);
         let ended = self.event(rpc, Some(&caller), Outcome::Denied);
@@ -380,6 +385,13 @@ impl WorkloadApi {
                         }
                     }
                     () = tx.closed() => return,
+                    () = async {
+                        // The guard `wait_for` returns is not Send: drop it here.
+                        let _ = stop.wait_for(|s| *s).await;
+                    } => {
+                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -387,7 +399,8 @@ impl WorkloadApi {
     }
 
     /// Serves the API and gRPC health on `listener` until `shutdown`
-    /// completes.
+    /// completes; then open streams end with `Unavailable` and in-flight
+    /// calls finish before this returns.
     pub async fn serve(
         self,
         listener: std::os::unix::net::UnixListener,
@@ -409,6 +422,7 @@ impl WorkloadApi {
                 }
             }
         });
+        let self_stop = Arc::clone(&self.stop);
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
@@ -416,7 +430,10 @@ impl WorkloadApi {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(SpiffeWorkloadApiServer::new(self))
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                self_stop.send_replace(true);
+            })
             .await
             .map_err(ServeError::Transport)
     }

@@ -67,6 +67,7 @@ struct Agent {
     audit: Arc<MemoryAudit>,
     _rotation: RotationTask,
     shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -90,7 +91,7 @@ impl Agent {
         let api = WorkloadApi::new(wrap(ca.clone()), attestor(), audit.clone());
         let listener = bind_socket(&socket).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             api.serve(listener, async {
                 let _ = rx.await;
             })
@@ -104,6 +105,7 @@ impl Agent {
             audit,
             _rotation: rotation,
             shutdown: Some(tx),
+            server: Some(server),
         }
     }
 
@@ -817,4 +819,21 @@ async fn source_outage_serves_cached_jwts_and_unavailable_for_new_audiences() {
     let last = ev.last().unwrap();
     assert_eq!(last.outcome, Outcome::Error);
     assert_eq!(last.audience.as_deref(), Some("calendar"));
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_returns() {
+    let mut agent = Agent::start(vec![my_entry()]).await;
+    let client = agent.client().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let _ = agent.shutdown.take().unwrap().send(());
+    let end = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .expect("stream still open after shutdown");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    tokio::time::timeout(Duration::from_secs(3), agent.server.take().unwrap())
+        .await
+        .expect("serve() did not return")
+        .unwrap();
 }
