@@ -125,13 +125,70 @@ impl WorkloadPeer {
 pub struct PeerStream {
     inner: UnixStream,
     peer: WorkloadPeer,
+    _slot: Option<ConnectionSlot>,
 }
 
 impl PeerStream {
     /// Pins the peer of `inner`.
     pub fn new(inner: UnixStream) -> Self {
         let peer = WorkloadPeer::from_stream(&inner);
-        Self { inner, peer }
+        Self {
+            inner,
+            peer,
+            _slot: None,
+        }
+    }
+}
+
+/// The default cap on simultaneous connections from one uid.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 512;
+
+/// Counts open connections per uid, so one local user cannot use up the
+/// agent's file descriptors and starve everyone else.
+#[derive(Debug)]
+struct ConnectionLimiter {
+    per_uid: usize,
+    open: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+/// One open connection; releases its count when dropped.
+#[derive(Debug)]
+struct ConnectionSlot {
+    limiter: Arc<ConnectionLimiter>,
+    uid: u32,
+}
+
+impl ConnectionLimiter {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        // Counts are updated in one statement; a poisoned map is consistent.
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn try_acquire(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
+        let mut open = self.counts();
+        let n = open.entry(uid).or_insert(0);
+        if *n >= self.per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            limiter: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.limiter.counts();
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -187,6 +244,7 @@ pub struct WorkloadApi {
     /// Set to true when serving stops, so streams end and graceful shutdown
     /// does not wait for clients that never hang up.
     stop: Arc<watch::Sender<bool>>,
+    max_connections_per_uid: usize,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -260,7 +318,16 @@ impl WorkloadApi {
             attestor,
             audit,
             stop: Arc::new(watch::channel(false).0),
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
         }
+    }
+
+    /// Caps simultaneous connections from one uid (default
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_UID`]); connections over the cap are
+    /// closed at accept and audited.
+    pub fn with_max_connections_per_uid(mut self, n: usize) -> Self {
+        self.max_connections_per_uid = n;
+        self
     }
 
     fn event(&self, rpc: &'static str, caller: Option<&Caller>, outcome: Outcome) -> AuditEvent {
@@ -408,16 +475,40 @@ impl WorkloadApi {
     ) -> Result<(), ServeError> {
         listener.set_nonblocking(true).map_err(ServeError::Io)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(ServeError::Io)?;
-        let incoming = futures::stream::unfold(listener, |l| async move {
-            loop {
-                match l.accept().await {
-                    Ok((stream, _)) => {
-                        return Some((Ok::<_, io::Error>(PeerStream::new(stream)), l));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let limiter = Arc::new(ConnectionLimiter {
+            per_uid: self.max_connections_per_uid,
+            open: std::sync::Mutex::new(HashMap::new()),
+        });
+        let audit = Arc::clone(&self.audit);
+        let incoming = futures::stream::unfold(listener, move |l| {
+            let limiter = Arc::clone(&limiter);
+            let audit = Arc::clone(&audit);
+            async move {
+                loop {
+                    match l.accept().await {
+                        Ok((stream, _)) => {
+                            let mut s = PeerStream::new(stream);
+                            // A peer without credentials is counted under an
+                            // impossible uid; its requests are refused anyway.
+                            let uid = s.peer.creds.map_or(u32::MAX, |c| c.uid);
+                            match limiter.try_acquire(uid) {
+                                Some(slot) => s._slot = Some(slot),
+                                None => {
+                                    let mut e = AuditEvent::new("Connect", Outcome::Denied);
+                                    e.pid = s.peer.creds.map(|c| c.pid);
+                                    e.uid = Some(uid);
+                                    e.reason = Some("too many connections from this uid".into());
+                                    audit.record(&e);
+                                    continue; // dropping `s` closes the connection
+                                }
+                            }
+                            return Some((Ok::<_, io::Error>(s), l));
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
                     }
                 }
             }

@@ -75,10 +75,19 @@ impl Agent {
         Self::start_with(entries, |ca| Arc::new(ca)).await
     }
 
-    /// Starts with the source `wrap` builds around the CA.
     async fn start_with(
         entries: Vec<RegistrationEntry>,
         wrap: impl FnOnce(LocalCa) -> Arc<dyn IdentitySource>,
+    ) -> Self {
+        Self::start_configured(entries, wrap, |api| api).await
+    }
+
+    /// Starts with the source `wrap` builds around the CA, and the API as
+    /// `configure` sets it up.
+    async fn start_configured(
+        entries: Vec<RegistrationEntry>,
+        wrap: impl FnOnce(LocalCa) -> Arc<dyn IdentitySource>,
+        configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Other users (the setuid child) must reach the socket.
@@ -88,7 +97,11 @@ impl Agent {
         ca.set_entries(entries).unwrap();
         let rotation = ca.spawn_rotation();
         let audit = Arc::new(MemoryAudit::default());
-        let api = WorkloadApi::new(wrap(ca.clone()), attestor(), audit.clone());
+        let api = configure(WorkloadApi::new(
+            wrap(ca.clone()),
+            attestor(),
+            audit.clone(),
+        ));
         let listener = bind_socket(&socket).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
@@ -144,17 +157,7 @@ impl Drop for Agent {
 }
 
 async fn raw_channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .unwrap()
+    raw_channel_result(path).await.unwrap()
 }
 
 fn with_header<T>(msg: T) -> tonic::Request<T> {
@@ -836,4 +839,64 @@ async fn shutdown_ends_open_streams_and_returns() {
         .await
         .expect("serve() did not return")
         .unwrap();
+}
+
+#[tokio::test]
+async fn connections_are_capped_per_uid() {
+    let agent = Agent::start_configured(
+        vec![my_entry()],
+        |ca| Arc::new(ca),
+        |api| api.with_max_connections_per_uid(2),
+    )
+    .await;
+    let call = |c: Channel| async move {
+        let mut raw = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(c);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            raw.fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {})),
+        )
+        .await
+        .map_err(|_| "timeout".to_string())
+        .and_then(|r| r.map(|_| ()).map_err(|s| format!("{:?}", s.code())))
+    };
+    let a = raw_channel(&agent.socket).await;
+    let b = raw_channel(&agent.socket).await;
+    call(a.clone()).await.unwrap();
+    call(b.clone()).await.unwrap();
+    // A third connection from the same uid is closed at accept.
+    let third = raw_channel_result(&agent.socket).await;
+    if let Ok(c) = third {
+        assert!(call(c).await.is_err());
+    }
+    let refused: Vec<_> = agent.events("Connect");
+    assert!(!refused.is_empty());
+    assert_eq!(refused[0].uid, Some(my_uid()));
+    assert_eq!(refused[0].outcome, Outcome::Denied);
+    // Closing one frees a slot.
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let c = raw_channel_result(&agent.socket).await;
+        if let Ok(c) = c
+            && call(c).await.is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+}
+
+async fn raw_channel_result(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
 }
