@@ -557,7 +557,11 @@ async fn another_uid_is_denied_the_first_users_identity() {
         ),
     ])
     .await;
-    let exe = std::env::current_exe().unwrap();
+    // Run a copy of this test binary from the 0755 temp dir, so the child
+    // can execute it even when the target dir is private to root.
+    let exe = agent._dir.path().join("child-test-binary");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = agent.socket.clone();
     let out = tokio::task::spawn_blocking(move || {
         use std::os::unix::process::CommandExt;
