@@ -389,6 +389,9 @@ async fn disallowed_audience_is_permission_denied_and_audited() {
     let line = e.to_json_line();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["outcome"], "denied");
+    assert_eq!(v["spiffe_id"], WORKLOAD);
+    assert_eq!(v["rpc"], "FetchJWTSVID");
+    assert_eq!(v["method"], "peercred");
     assert!(!line.contains('\n'));
 }
 
