@@ -4,7 +4,7 @@
 //! A line carries: `time` (RFC 3339, UTC), `event` (`workload_api`), `rpc`
 //! (the Workload API method), `caller` (`uid:N pid:N`), `pid`, `uid`, `gid`,
 //! `exe_path`, `exe_sha256`, `method` (the workload attestation method,
-//! `peercred`), `assurance` (the node's `acr`), `entry_ids` and `spiffe_ids`
+//! `peercred`), `pin` (`pidfd` or `start_time`), `assurance` (the node's `acr`), `entry_ids` and `spiffe_ids`
 //! matched (and `spiffe_id` when there is exactly one), `audience`,
 //! `outcome` (`ok` / `denied` / `error`, as in the server's log) and
 //! `reason`. Absent values are left out. Tokens and keys never appear.
@@ -47,6 +47,10 @@ pub struct AuditEvent {
     pub exe_sha256: Option<String>,
     /// Workload attestation method (`peercred`).
     pub method: &'static str,
+    /// How the caller's process was pinned against PID reuse: `pidfd`
+    /// (`SO_PEERPIDFD`, race-free) or `start_time` (`/proc` handle and start
+    /// time).
+    pub pin: Option<&'static str>,
     /// Node assurance (`acr` form), when known.
     pub assurance: Option<String>,
     /// Entries matched.
@@ -74,6 +78,7 @@ impl AuditEvent {
             exe_path: None,
             exe_sha256: None,
             method: crate::workload_attest::METHOD,
+            pin: None,
             assurance: None,
             entry_ids: Vec::new(),
             spiffe_ids: Vec::new(),
@@ -113,6 +118,7 @@ impl AuditEvent {
         put("exe_path", json!(self.exe_path));
         put("exe_sha256", json!(self.exe_sha256));
         put("method", json!(self.method));
+        put("pin", json!(self.pin));
         put("assurance", json!(self.assurance));
         put("entry_ids", json!(self.entry_ids));
         put("spiffe_ids", json!(self.spiffe_ids));

@@ -99,9 +99,12 @@ impl WorkloadPeer {
             uid: creds.uid(),
             gid: creds.gid(),
         };
+        // The pidfd of the process that connected (Linux >= 6.5) makes the
+        // pin race-free; older kernels fall back to the start-time pin.
+        let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok();
         Self {
             creds: Some(creds),
-            pinned: PinnedProcess::pin(creds).map(Arc::new),
+            pinned: PinnedProcess::pin_with_pidfd(creds, pidfd).map(Arc::new),
         }
     }
 
@@ -258,6 +261,7 @@ impl std::fmt::Debug for WorkloadApi {
 struct Caller {
     creds: PeerCredentials,
     attestation: Attestation,
+    pinned_by_pidfd: bool,
 }
 
 impl Caller {
@@ -338,6 +342,11 @@ impl WorkloadApi {
             e.gid = Some(c.creds.gid);
             e.exe_path = c.attestation.exe_path.clone();
             e.exe_sha256 = c.attestation.exe_sha256.clone();
+            e.pin = Some(if c.pinned_by_pidfd {
+                "pidfd"
+            } else {
+                "start_time"
+            });
         }
         e.assurance = Some(self.source.subscribe().borrow().node.level.acr().to_owned());
         e
@@ -366,6 +375,7 @@ impl WorkloadApi {
             Ok(p) => Arc::clone(p),
             Err(e) => return Err(denied(format!("attestation failed: {e}"))),
         };
+        let pinned_by_pidfd = pinned.pinned_by_pidfd();
         let attestor = Arc::clone(&self.attestor);
         let result = tokio::task::spawn_blocking(move || {
             let attestation = attestor.attest(&pinned)?;
@@ -376,7 +386,11 @@ impl WorkloadApi {
         })
         .await;
         match result {
-            Ok(Ok((creds, attestation))) => Ok(Caller { creds, attestation }),
+            Ok(Ok((creds, attestation))) => Ok(Caller {
+                creds,
+                attestation,
+                pinned_by_pidfd,
+            }),
             Ok(Err(e)) => Err(denied(format!("attestation failed: {e}"))),
             Err(e) => Err(denied(format!("attestation task failed: {e}"))),
         }

@@ -250,6 +250,14 @@ async fn x509_svid_and_bundle_with_the_spiffe_crate() {
     assert_eq!(ev[0].uid, Some(my_uid()));
     assert_eq!(ev[0].method, "peercred");
     assert_eq!(ev[0].assurance.as_deref(), Some("sigil:al1"));
+    // On Linux >= 6.5 the accept loop pins with SO_PEERPIDFD.
+    let (probe, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let have_pidfd =
+        nix::sys::socket::getsockopt(&probe, nix::sys::socket::sockopt::PeerPidfd).is_ok();
+    assert_eq!(
+        ev[0].pin,
+        Some(if have_pidfd { "pidfd" } else { "start_time" })
+    );
     assert_eq!(
         ev[0].exe_path.as_deref(),
         Some(std::env::current_exe().unwrap().to_str().unwrap())
