@@ -2,10 +2,12 @@
 //! API call that attests a caller (and per refusal after attestation began).
 //!
 //! A line carries: `time` (RFC 3339, UTC), `event` (`workload_api`), `rpc`
-//! (the Workload API method), `pid`, `uid`, `gid`, `exe_path`, `exe_sha256`,
-//! `method` (`peercred`), `assurance` (the node's `acr`), `entry_ids` and
-//! `spiffe_ids` matched, `audience`, `outcome` (`allowed` / `denied` /
-//! `error`) and `reason`. Tokens and keys never appear.
+//! (the Workload API method), `caller` (`uid:N pid:N`), `pid`, `uid`, `gid`,
+//! `exe_path`, `exe_sha256`, `method` (the workload attestation method,
+//! `peercred`), `pin` (`pidfd` or `start_time`), `assurance` (the node's `acr`), `entry_ids` and `spiffe_ids`
+//! matched (and `spiffe_id` when there is exactly one), `audience`,
+//! `outcome` (`ok` / `denied` / `error`, as in the server's log) and
+//! `reason`. Absent values are left out. Tokens and keys never appear.
 
 use serde::Serialize;
 use std::io::Write;
@@ -15,7 +17,8 @@ use std::sync::{Mutex, PoisonError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// The caller got what it asked for.
+    /// The caller got what it asked for (written `ok`).
+    #[serde(rename = "ok")]
     Allowed,
     /// The caller was refused.
     Denied,
@@ -24,7 +27,7 @@ pub enum Outcome {
 }
 
 /// One audit record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEvent {
     /// RFC 3339 UTC time.
     pub time: String,
@@ -44,6 +47,10 @@ pub struct AuditEvent {
     pub exe_sha256: Option<String>,
     /// Workload attestation method (`peercred`).
     pub method: &'static str,
+    /// How the caller's process was pinned against PID reuse: `pidfd`
+    /// (`SO_PEERPIDFD`, race-free) or `start_time` (`/proc` handle and start
+    /// time).
+    pub pin: Option<&'static str>,
     /// Node assurance (`acr` form), when known.
     pub assurance: Option<String>,
     /// Entries matched.
@@ -71,6 +78,7 @@ impl AuditEvent {
             exe_path: None,
             exe_sha256: None,
             method: crate::workload_attest::METHOD,
+            pin: None,
             assurance: None,
             entry_ids: Vec::new(),
             spiffe_ids: Vec::new(),
@@ -86,16 +94,47 @@ impl AuditEvent {
         self
     }
 
-    /// The record as one JSON line (no trailing newline).
+    /// The record as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::{Value, json};
+        let mut o = serde_json::Map::new();
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                o.insert(k.to_owned(), v);
+            }
+        };
+        put("time", json!(self.time));
+        put("event", json!(self.event));
+        put("rpc", json!(self.rpc));
+        let caller = match (self.uid, self.pid) {
+            (Some(uid), Some(pid)) => Some(format!("uid:{uid} pid:{pid}")),
+            (Some(uid), None) => Some(format!("uid:{uid}")),
+            _ => None,
+        };
+        put("caller", json!(caller));
+        put("pid", json!(self.pid));
+        put("uid", json!(self.uid));
+        put("gid", json!(self.gid));
+        put("exe_path", json!(self.exe_path));
+        put("exe_sha256", json!(self.exe_sha256));
+        put("method", json!(self.method));
+        put("pin", json!(self.pin));
+        put("assurance", json!(self.assurance));
+        put("entry_ids", json!(self.entry_ids));
+        put("spiffe_ids", json!(self.spiffe_ids));
+        if let [one] = self.spiffe_ids.as_slice() {
+            put("spiffe_id", json!(one));
+        }
+        put("audience", json!(self.audience));
+        put("outcome", json!(self.outcome));
+        put("reason", json!(self.reason));
+        Value::Object(o)
+    }
+
+    /// The record as one JSON line (no trailing newline; JSON escapes any
+    /// newline inside values).
     pub fn to_json_line(&self) -> String {
-        // Serializing a struct of strings and numbers cannot fail; fall back
-        // to a minimal record rather than lose the line.
-        serde_json::to_string(self).unwrap_or_else(|_| {
-            format!(
-                r#"{{"event":"workload_api","rpc":"{}","outcome":"error","reason":"audit serialization failed"}}"#,
-                self.rpc
-            )
-        })
+        self.to_json().to_string()
     }
 }
 
@@ -208,7 +247,11 @@ mod tests {
         assert_eq!(v["outcome"], "denied");
         assert_eq!(v["method"], "peercred");
         assert_eq!(v["pid"], 42);
+        assert_eq!(v["caller"], "uid:1000 pid:42");
         assert_eq!(v["audience"], "payments");
+        assert!(v.get("exe_path").is_none(), "absent values are left out");
+        let ok: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(ok["outcome"], "ok");
         assert!(v["time"].as_str().unwrap().ends_with('Z'));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();

@@ -51,7 +51,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
@@ -99,9 +99,12 @@ impl WorkloadPeer {
             uid: creds.uid(),
             gid: creds.gid(),
         };
+        // The pidfd of the process that connected (Linux >= 6.5) makes the
+        // pin race-free; older kernels fall back to the start-time pin.
+        let pidfd = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok();
         Self {
             creds: Some(creds),
-            pinned: PinnedProcess::pin(creds).map(Arc::new),
+            pinned: PinnedProcess::pin_with_pidfd(creds, pidfd).map(Arc::new),
         }
     }
 
@@ -125,13 +128,70 @@ impl WorkloadPeer {
 pub struct PeerStream {
     inner: UnixStream,
     peer: WorkloadPeer,
+    _slot: Option<ConnectionSlot>,
 }
 
 impl PeerStream {
     /// Pins the peer of `inner`.
     pub fn new(inner: UnixStream) -> Self {
         let peer = WorkloadPeer::from_stream(&inner);
-        Self { inner, peer }
+        Self {
+            inner,
+            peer,
+            _slot: None,
+        }
+    }
+}
+
+/// The default cap on simultaneous connections from one uid.
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 512;
+
+/// Counts open connections per uid, so one local user cannot use up the
+/// agent's file descriptors and starve everyone else.
+#[derive(Debug)]
+struct ConnectionLimiter {
+    per_uid: usize,
+    open: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+/// One open connection; releases its count when dropped.
+#[derive(Debug)]
+struct ConnectionSlot {
+    limiter: Arc<ConnectionLimiter>,
+    uid: u32,
+}
+
+impl ConnectionLimiter {
+    fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        // Counts are updated in one statement; a poisoned map is consistent.
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn try_acquire(self: &Arc<Self>, uid: u32) -> Option<ConnectionSlot> {
+        let mut open = self.counts();
+        let n = open.entry(uid).or_insert(0);
+        if *n >= self.per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot {
+            limiter: Arc::clone(self),
+            uid,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.limiter.counts();
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -184,6 +244,10 @@ pub struct WorkloadApi {
     source: Arc<dyn IdentitySource>,
     attestor: Arc<dyn WorkloadAttestor>,
     audit: Arc<dyn AuditSink>,
+    /// Set to true when serving stops, so streams end and graceful shutdown
+    /// does not wait for clients that never hang up.
+    stop: Arc<watch::Sender<bool>>,
+    max_connections_per_uid: usize,
 }
 
 impl std::fmt::Debug for WorkloadApi {
@@ -197,6 +261,7 @@ impl std::fmt::Debug for WorkloadApi {
 struct Caller {
     creds: PeerCredentials,
     attestation: Attestation,
+    pinned_by_pidfd: bool,
 }
 
 impl Caller {
@@ -256,7 +321,17 @@ impl WorkloadApi {
             source,
             attestor,
             audit,
+            stop: Arc::new(watch::channel(false).0),
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
         }
+    }
+
+    /// Caps simultaneous connections from one uid (default
+    /// [`DEFAULT_MAX_CONNECTIONS_PER_UID`]); connections over the cap are
+    /// closed at accept and audited.
+    pub fn with_max_connections_per_uid(mut self, n: usize) -> Self {
+        self.max_connections_per_uid = n;
+        self
     }
 
     fn event(&self, rpc: &'static str, caller: Option<&Caller>, outcome: Outcome) -> AuditEvent {
@@ -267,6 +342,11 @@ impl WorkloadApi {
             e.gid = Some(c.creds.gid);
             e.exe_path = c.attestation.exe_path.clone();
             e.exe_sha256 = c.attestation.exe_sha256.clone();
+            e.pin = Some(if c.pinned_by_pidfd {
+                "pidfd"
+            } else {
+                "start_time"
+            });
         }
         e.assurance = Some(self.source.subscribe().borrow().node.level.acr().to_owned());
         e
@@ -295,6 +375,7 @@ impl WorkloadApi {
             Ok(p) => Arc::clone(p),
             Err(e) => return Err(denied(format!("attestation failed: {e}"))),
         };
+        let pinned_by_pidfd = pinned.pinned_by_pidfd();
         let attestor = Arc::clone(&self.attestor);
         let result = tokio::task::spawn_blocking(move || {
             let attestation = attestor.attest(&pinned)?;
@@ -305,7 +386,11 @@ impl WorkloadApi {
         })
         .await;
         match result {
-            Ok(Ok((creds, attestation))) => Ok(Caller { creds, attestation }),
+            Ok(Ok((creds, attestation))) => Ok(Caller {
+                creds,
+                attestation,
+                pinned_by_pidfd,
+            }),
             Ok(Err(e)) => Err(denied(format!("attestation failed: {e}"))),
             Err(e) => Err(denied(format!("attestation task failed: {e}"))),
         }
@@ -349,6 +434,7 @@ impl WorkloadApi {
         F: Fn(&IdentitySnapshot, &[&Arc<RegistrationEntry>]) -> Option<T> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(2);
+        let mut stop = self.stop.subscribe();
         let mut updates = self.source.subscribe();
         let audit = Arc::clone(&self.audit);
         let ended = self.event(rpc, Some(&caller), Outcome::Denied);
@@ -380,6 +466,13 @@ impl WorkloadApi {
                         }
                     }
                     () = tx.closed() => return,
+                    () = async {
+                        // The guard `wait_for` returns is not Send: drop it here.
+                        let _ = stop.wait_for(|s| *s).await;
+                    } => {
+                        let _ = tx.send(Err(Status::unavailable("agent shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -387,7 +480,8 @@ impl WorkloadApi {
     }
 
     /// Serves the API and gRPC health on `listener` until `shutdown`
-    /// completes.
+    /// completes; then open streams end with `Unavailable` and in-flight
+    /// calls finish before this returns.
     pub async fn serve(
         self,
         listener: std::os::unix::net::UnixListener,
@@ -395,20 +489,45 @@ impl WorkloadApi {
     ) -> Result<(), ServeError> {
         listener.set_nonblocking(true).map_err(ServeError::Io)?;
         let listener = tokio::net::UnixListener::from_std(listener).map_err(ServeError::Io)?;
-        let incoming = futures::stream::unfold(listener, |l| async move {
-            loop {
-                match l.accept().await {
-                    Ok((stream, _)) => {
-                        return Some((Ok::<_, io::Error>(PeerStream::new(stream)), l));
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let limiter = Arc::new(ConnectionLimiter {
+            per_uid: self.max_connections_per_uid,
+            open: std::sync::Mutex::new(HashMap::new()),
+        });
+        let audit = Arc::clone(&self.audit);
+        let incoming = futures::stream::unfold(listener, move |l| {
+            let limiter = Arc::clone(&limiter);
+            let audit = Arc::clone(&audit);
+            async move {
+                loop {
+                    match l.accept().await {
+                        Ok((stream, _)) => {
+                            let mut s = PeerStream::new(stream);
+                            // A peer without credentials is counted under an
+                            // impossible uid; its requests are refused anyway.
+                            let uid = s.peer.creds.map_or(u32::MAX, |c| c.uid);
+                            match limiter.try_acquire(uid) {
+                                Some(slot) => s._slot = Some(slot),
+                                None => {
+                                    let mut e = AuditEvent::new("Connect", Outcome::Denied);
+                                    e.pid = s.peer.creds.map(|c| c.pid);
+                                    e.uid = Some(uid);
+                                    e.reason = Some("too many connections from this uid".into());
+                                    audit.record(&e);
+                                    continue; // dropping `s` closes the connection
+                                }
+                            }
+                            return Some((Ok::<_, io::Error>(s), l));
+                        }
+                        Err(e) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
                     }
                 }
             }
         });
+        let self_stop = Arc::clone(&self.stop);
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
@@ -416,7 +535,10 @@ impl WorkloadApi {
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(SpiffeWorkloadApiServer::new(self))
-            .serve_with_incoming_shutdown(incoming, shutdown)
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                self_stop.send_replace(true);
+            })
             .await
             .map_err(ServeError::Transport)
     }

@@ -14,6 +14,13 @@
 //! [`PinnedProcess::ensure_unchanged`]: a process that exited, became a
 //! zombie or whose start time changed gets nothing.
 //!
+//! One window remains with `/proc` alone: the peer exits and its pid is
+//! reused *between* `connect()` and the agent opening `/proc/<pid>`. On
+//! Linux ≥ 6.5 the agent closes it with `SO_PEERPIDFD`, a pidfd of the very
+//! process that connected ([`PinnedProcess::pin_with_pidfd`]): after opening
+//! the directory it checks that the pidfd's process still has that pid, and
+//! re-checks the pidfd in [`PinnedProcess::ensure_unchanged`].
+//!
 //! What this does not catch: a peer that hands its connected socket to
 //! another process (fork, `SCM_RIGHTS`) while staying alive is still
 //! attested as itself — the kernel's answer to "who connected". SPIRE has
@@ -165,16 +172,49 @@ pub struct PinnedProcess {
     creds: PeerCredentials,
     dir: OwnedFd,
     start_time: u64,
+    pidfd: Option<OwnedFd>,
+}
+
+/// The pid a pidfd refers to, from `/proc/self/fdinfo`: `Some(-1)` once the
+/// process has exited, `None` if the kernel does not say.
+pub fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 impl PinnedProcess {
     /// Pins the process named by `creds` under `/proc`.
     pub fn pin(creds: PeerCredentials) -> Result<Self, AttestError> {
-        Self::pin_in(Path::new("/proc"), creds)
+        Self::pin_in(Path::new("/proc"), creds, None)
+    }
+
+    /// Pins the peer of a socket with the pidfd `SO_PEERPIDFD` gave (Linux
+    /// ≥ 6.5): that pidfd names the very process that connected, so once
+    /// `/proc/<pid>` is open, checking that the pidfd's process is alive
+    /// with the same pid proves the directory is the connecting process's —
+    /// no window for PID reuse at all. Without a pidfd, falls back to
+    /// [`Self::pin`].
+    pub fn pin_with_pidfd(
+        creds: PeerCredentials,
+        pidfd: Option<OwnedFd>,
+    ) -> Result<Self, AttestError> {
+        Self::pin_in(Path::new("/proc"), creds, pidfd)
+    }
+
+    /// True when the pin was checked against the peer's pidfd.
+    pub fn pinned_by_pidfd(&self) -> bool {
+        self.pidfd.is_some()
     }
 
     /// Pins the process under another procfs mount.
-    pub fn pin_in(proc_root: &Path, creds: PeerCredentials) -> Result<Self, AttestError> {
+    pub fn pin_in(
+        proc_root: &Path,
+        creds: PeerCredentials,
+        pidfd: Option<OwnedFd>,
+    ) -> Result<Self, AttestError> {
         let pid = creds.pid;
         if pid <= 0 {
             return Err(AttestError::NoPeerPid);
@@ -189,6 +229,7 @@ impl PinnedProcess {
             creds,
             dir,
             start_time: 0,
+            pidfd: None,
         };
         let stat = pinned.stat().map_err(|_| AttestError::ProcessGone(pid))?;
         if matches!(stat.state, 'Z' | 'X' | 'x') {
@@ -198,6 +239,16 @@ impl PinnedProcess {
         let status = pinned.status()?;
         if status.euid != Some(creds.uid) || status.egid != Some(creds.gid) {
             return Err(AttestError::CredentialsMismatch(pid));
+        }
+        if let Some(fd) = pidfd {
+            // After the directory was opened: is the connecting process still
+            // the one with this pid? A kernel that does not say leaves the
+            // start-time pin alone in charge.
+            match pidfd_pid(&fd) {
+                Some(p) if p == pid => pinned.pidfd = Some(fd),
+                Some(_) => return Err(AttestError::ProcessGone(pid)),
+                None => {}
+            }
         }
         Ok(pinned)
     }
@@ -221,6 +272,11 @@ impl PinnedProcess {
     /// the start time recorded at pin.
     pub fn ensure_unchanged(&self) -> Result<(), AttestError> {
         let pid = self.creds.pid;
+        if let Some(fd) = &self.pidfd
+            && pidfd_pid(fd) != Some(pid)
+        {
+            return Err(AttestError::ProcessChanged(pid));
+        }
         match self.stat() {
             Ok(s) if s.start_time == self.start_time && !matches!(s.state, 'Z' | 'X' | 'x') => {
                 Ok(())
@@ -931,6 +987,55 @@ mod tests {
             PinnedProcess::pin(self_creds())
                 .unwrap()
                 .shares_mount_namespace()
+        );
+    }
+
+    #[test]
+    fn pidfd_pin_of_a_socket_peer() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pidfd = match nix::sys::socket::getsockopt(&a, nix::sys::socket::sockopt::PeerPidfd) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!("SO_PEERPIDFD unsupported (Linux < 6.5?): {e}; skipping");
+                return;
+            }
+        };
+        assert_eq!(pidfd_pid(&pidfd), Some(self_creds().pid));
+        let p = PinnedProcess::pin_with_pidfd(self_creds(), Some(pidfd)).unwrap();
+        assert!(p.pinned_by_pidfd());
+        p.ensure_unchanged().unwrap();
+    }
+
+    #[test]
+    fn pidfd_of_another_process_than_the_pid_refuses_the_pin() {
+        // What PID reuse looks like with SO_PEERPIDFD: the connecting
+        // process (the pidfd) is not the one now holding the pid.
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let child_pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let pidfd =
+            rustix::process::pidfd_open(child_pid, rustix::process::PidfdFlags::empty()).unwrap();
+        assert_eq!(
+            PinnedProcess::pin_with_pidfd(self_creds(), Some(pidfd)).map(|_| ()),
+            Err(AttestError::ProcessGone(self_creds().pid))
+        );
+        // And a pidfd pin notices the exit even before the pid is reaped.
+        let creds = PeerCredentials {
+            pid: child.id() as i32,
+            ..self_creds()
+        };
+        let pidfd =
+            rustix::process::pidfd_open(child_pid, rustix::process::PidfdFlags::empty()).unwrap();
+        let p = PinnedProcess::pin_with_pidfd(creds, Some(pidfd)).unwrap();
+        assert!(p.pinned_by_pidfd());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            p.ensure_unchanged(),
+            Err(AttestError::ProcessChanged(creds.pid))
         );
     }
 

@@ -67,6 +67,7 @@ struct Agent {
     audit: Arc<MemoryAudit>,
     _rotation: RotationTask,
     shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Agent {
@@ -74,10 +75,19 @@ impl Agent {
         Self::start_with(entries, |ca| Arc::new(ca)).await
     }
 
-    /// Starts with the source `wrap` builds around the CA.
     async fn start_with(
         entries: Vec<RegistrationEntry>,
         wrap: impl FnOnce(LocalCa) -> Arc<dyn IdentitySource>,
+    ) -> Self {
+        Self::start_configured(entries, wrap, |api| api).await
+    }
+
+    /// Starts with the source `wrap` builds around the CA, and the API as
+    /// `configure` sets it up.
+    async fn start_configured(
+        entries: Vec<RegistrationEntry>,
+        wrap: impl FnOnce(LocalCa) -> Arc<dyn IdentitySource>,
+        configure: impl FnOnce(WorkloadApi) -> WorkloadApi,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Other users (the setuid child) must reach the socket.
@@ -87,10 +97,14 @@ impl Agent {
         ca.set_entries(entries).unwrap();
         let rotation = ca.spawn_rotation();
         let audit = Arc::new(MemoryAudit::default());
-        let api = WorkloadApi::new(wrap(ca.clone()), attestor(), audit.clone());
+        let api = configure(WorkloadApi::new(
+            wrap(ca.clone()),
+            attestor(),
+            audit.clone(),
+        ));
         let listener = bind_socket(&socket).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             api.serve(listener, async {
                 let _ = rx.await;
             })
@@ -104,6 +118,7 @@ impl Agent {
             audit,
             _rotation: rotation,
             shutdown: Some(tx),
+            server: Some(server),
         }
     }
 
@@ -142,17 +157,7 @@ impl Drop for Agent {
 }
 
 async fn raw_channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .unwrap()
+    raw_channel_result(path).await.unwrap()
 }
 
 fn with_header<T>(msg: T) -> tonic::Request<T> {
@@ -245,6 +250,14 @@ async fn x509_svid_and_bundle_with_the_spiffe_crate() {
     assert_eq!(ev[0].uid, Some(my_uid()));
     assert_eq!(ev[0].method, "peercred");
     assert_eq!(ev[0].assurance.as_deref(), Some("sigil:al1"));
+    // On Linux >= 6.5 the accept loop pins with SO_PEERPIDFD.
+    let (probe, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let have_pidfd =
+        nix::sys::socket::getsockopt(&probe, nix::sys::socket::sockopt::PeerPidfd).is_ok();
+    assert_eq!(
+        ev[0].pin,
+        Some(if have_pidfd { "pidfd" } else { "start_time" })
+    );
     assert_eq!(
         ev[0].exe_path.as_deref(),
         Some(std::env::current_exe().unwrap().to_str().unwrap())
@@ -384,6 +397,9 @@ async fn disallowed_audience_is_permission_denied_and_audited() {
     let line = e.to_json_line();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["outcome"], "denied");
+    assert_eq!(v["spiffe_id"], WORKLOAD);
+    assert_eq!(v["rpc"], "FetchJWTSVID");
+    assert_eq!(v["method"], "peercred");
     assert!(!line.contains('\n'));
 }
 
@@ -552,7 +568,11 @@ async fn another_uid_is_denied_the_first_users_identity() {
         ),
     ])
     .await;
-    let exe = std::env::current_exe().unwrap();
+    // Run a copy of this test binary from the 0755 temp dir, so the child
+    // can execute it even when the target dir is private to root.
+    let exe = agent._dir.path().join("child-test-binary");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = agent.socket.clone();
     let out = tokio::task::spawn_blocking(move || {
         use std::os::unix::process::CommandExt;
@@ -817,4 +837,81 @@ async fn source_outage_serves_cached_jwts_and_unavailable_for_new_audiences() {
     let last = ev.last().unwrap();
     assert_eq!(last.outcome, Outcome::Error);
     assert_eq!(last.audience.as_deref(), Some("calendar"));
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_and_returns() {
+    let mut agent = Agent::start(vec![my_entry()]).await;
+    let client = agent.client().await;
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    let _ = agent.shutdown.take().unwrap().send(());
+    let end = tokio::time::timeout(Duration::from_secs(3), stream.next())
+        .await
+        .expect("stream still open after shutdown");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    tokio::time::timeout(Duration::from_secs(3), agent.server.take().unwrap())
+        .await
+        .expect("serve() did not return")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn connections_are_capped_per_uid() {
+    let agent = Agent::start_configured(
+        vec![my_entry()],
+        |ca| Arc::new(ca),
+        |api| api.with_max_connections_per_uid(2),
+    )
+    .await;
+    let call = |c: Channel| async move {
+        let mut raw = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(c);
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            raw.fetch_jwt_bundles(with_header(pb::JwtBundlesRequest {})),
+        )
+        .await
+        .map_err(|_| "timeout".to_string())
+        .and_then(|r| r.map(|_| ()).map_err(|s| format!("{:?}", s.code())))
+    };
+    let a = raw_channel(&agent.socket).await;
+    let b = raw_channel(&agent.socket).await;
+    call(a.clone()).await.unwrap();
+    call(b.clone()).await.unwrap();
+    // A third connection from the same uid is closed at accept.
+    let third = raw_channel_result(&agent.socket).await;
+    if let Ok(c) = third {
+        assert!(call(c).await.is_err());
+    }
+    let refused: Vec<_> = agent.events("Connect");
+    assert!(!refused.is_empty());
+    assert_eq!(refused[0].uid, Some(my_uid()));
+    assert_eq!(refused[0].outcome, Outcome::Denied);
+    // Closing one frees a slot.
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let c = raw_channel_result(&agent.socket).await;
+        if let Ok(c) = c
+            && call(c).await.is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "slot never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(b);
+}
+
+async fn raw_channel_result(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
 }
