@@ -57,6 +57,9 @@ pub struct StoredSvid {
     pub chain: Vec<String>,
     /// PKCS#8 DER.
     pub key: String,
+    /// When to replace it, Unix seconds (fixed when it was received).
+    #[serde(default)]
+    pub refresh_at: i64,
 }
 
 impl std::fmt::Debug for StoredSvid {
@@ -66,11 +69,12 @@ impl std::fmt::Debug for StoredSvid {
 }
 
 impl StoredSvid {
-    /// Encodes an SVID.
+    /// Encodes an SVID received now.
     pub fn from_svid(svid: &X509Svid) -> Self {
         Self {
             chain: svid.chain().iter().map(|c| B64.encode(c)).collect(),
             key: B64.encode(svid.private_key().secret_pkcs8_der()),
+            refresh_at: refresh_at(now_unix(), svid.not_after()),
         }
     }
 
@@ -218,13 +222,12 @@ impl AgentState {
     }
 }
 
-/// When an SVID should be replaced: half its life, less up to a tenth of
-/// its life of jitter, so a fleet does not renew in lockstep.
-fn refresh_at(svid: &X509Svid) -> i64 {
-    let nb = x509_parser::parse_x509_certificate(svid.leaf())
-        .map(|(_, c)| c.validity().not_before.timestamp())
-        .unwrap_or_else(|_| now_unix());
-    let life = (svid.not_after() - nb).max(0);
+/// When an SVID received at `received` should be replaced: half its
+/// remaining life, less up to a tenth of it as jitter, so a fleet does not
+/// renew in lockstep. (Not from notBefore: servers backdate it for clock
+/// skew.)
+fn refresh_at(received: i64, not_after: i64) -> i64 {
+    let life = (not_after - received).max(0);
     let mut b = [0u8; 4];
     let _ = aws_lc_rs::rand::fill(&mut b);
     let jitter = if life >= 10 {
@@ -232,7 +235,7 @@ fn refresh_at(svid: &X509Svid) -> i64 {
     } else {
         0
     };
-    nb + life / 2 - jitter
+    received + life / 2 - jitter
 }
 
 fn now_unix() -> i64 {
@@ -309,12 +312,12 @@ impl ServerIdentitySource {
         for (id, s) in &state.svids {
             // A stored SVID that no longer parses is re-minted at next sync.
             if let Ok(svid) = s.to_svid() {
-                let at = refresh_at(&svid);
+                let at = s.refresh_at;
                 svids.insert(id.clone(), (Arc::new(svid), at));
             }
         }
         let live = Live {
-            agent_refresh_at: refresh_at(&agent_svid),
+            agent_refresh_at: state.agent_svid.refresh_at,
             state,
             svids,
         };
@@ -417,8 +420,9 @@ impl ServerIdentitySource {
                 .update(&svid)
                 .map_err(|e| SyncError::Invalid(e.to_string()))?;
             let mut live = self.lock();
-            live.state.agent_svid = StoredSvid::from_svid(&svid);
-            live.agent_refresh_at = refresh_at(&svid);
+            let stored = StoredSvid::from_svid(&svid);
+            live.agent_refresh_at = stored.refresh_at;
+            live.state.agent_svid = stored;
             live.state.save(&self.inner.data_dir)?;
             tracing::info!(not_after = svid.not_after(), "agent SVID renewed");
         }
@@ -521,10 +525,9 @@ impl ServerIdentitySource {
                             .get(&r.entry_id)
                             .is_some_and(|e| e.spiffe_id == svid.spiffe_id().as_str()) =>
                     {
-                        let at = refresh_at(&svid);
-                        live.state
-                            .svids
-                            .insert(r.entry_id.clone(), StoredSvid::from_svid(&svid));
+                        let stored = StoredSvid::from_svid(&svid);
+                        let at = stored.refresh_at;
+                        live.state.svids.insert(r.entry_id.clone(), stored);
                         live.svids.insert(r.entry_id, (Arc::new(svid), at));
                         changed = true;
                     }
