@@ -2,7 +2,7 @@
 //! *this* tool (feature `layer`). Works with axum (HTTP) and tonic (gRPC
 //! metadata `authorization` is the same header).
 //!
-//! ```ignore
+//! ```text
 //! let bundles = Arc::new(FileBundleSource::new(vec![(td, "bundle.json".into())])?);
 //! let app = Router::new()
 //!     .route("/fhir/Patient", get(handler))

@@ -278,3 +278,43 @@ pub async fn run(args: RunArgs) -> Result<()> {
     result.context("Workload API")?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_config_parses_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let sample = dir.path().join("agent.toml");
+        std::fs::write(&sample, include_str!("../agent.toml")).unwrap();
+        let cfg = Config::resolve(RunArgs {
+            config: Some(sample.clone()),
+            socket: Some("/tmp/other.sock".into()),
+            ..RunArgs::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.server, "127.0.0.1:8081");
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/other.sock"));
+        assert_eq!(cfg.sync_interval, Duration::from_secs(5));
+        assert_eq!(
+            cfg.audit_log,
+            PathBuf::from("/tmp/sigil-agent/data/audit.log")
+        );
+
+        // Unknown keys and bad durations are refused.
+        std::fs::write(&sample, "server = \"a:1\"\nsevrer = \"typo\"\n").unwrap();
+        assert!(
+            Config::resolve(RunArgs {
+                config: Some(sample.clone()),
+                ..RunArgs::default()
+            })
+            .is_err()
+        );
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        // No server anywhere.
+        assert!(Config::resolve(RunArgs::default()).is_err());
+    }
+}
