@@ -161,7 +161,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             });
         }
     });
+    // grpc.health.v1 on the node port (no client certificate needed).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NodeServer<NodeApi>>().await;
     let node = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(NodeServer::new(NodeApi::new(state.clone())))
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
     let admin = tonic::transport::Server::builder()

@@ -265,6 +265,21 @@ async fn calls_without_a_current_agent_svid_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // grpc.health.v1 answers without a client certificate.
+    let ch = tls_channel(server.addr, &ca, None, Arc::default())
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sigil.node.v1.Node".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // A spent token cannot attest again; a bogus one never could.
     let mut admin = server.admin().await;
@@ -463,7 +478,25 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
         .unwrap()
         .into_inner();
 
+    // kill -9 in the middle of a mint loop.
+    let mut looper = agent.client(&server, &ca, Arc::default()).await;
+    let minting = tokio::spawn(async move {
+        let mut tokens = Vec::new();
+        while let Ok(r) = looper
+            .mint_jwt_svid(node::MintJwtSvidRequest {
+                spiffe_id: "spiffe://example.org/w".into(),
+                audience: "a".into(),
+            })
+            .await
+        {
+            tokens.push(r.into_inner().token);
+        }
+        tokens
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     server.kill();
+    let minted = minting.await.unwrap();
+    assert!(!minted.is_empty());
     server.spawn_and_wait();
 
     // Same CA, entry still there, spent token still spent, agent still works,
@@ -493,12 +526,17 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
         .jti()
         .unwrap()
         .to_owned();
-    assert!(
-        server
-            .audit_lines()
-            .iter()
-            .any(|l| l["jti"] == jti.as_str())
-    );
+    let lines = server.audit_lines();
+    assert!(lines.iter().any(|l| l["jti"] == jti.as_str()));
+    // Every token returned before the kill validates and has an audit line.
+    let logged: std::collections::HashSet<&str> =
+        lines.iter().filter_map(|l| l["jti"].as_str()).collect();
+    for t in &minted {
+        let v = JwtSvidValidator::new("a")
+            .validate(t, &bundles, SystemTime::now())
+            .unwrap();
+        assert!(logged.contains(v.jti().unwrap()), "unlogged jti");
+    }
 
     // Delete the CA key from the stopped server's database: it refuses to
     // start and says why, and does not make a new CA.

@@ -432,9 +432,8 @@ impl pb::node_server::Node for NodeApi {
                     ev.serial = Some(issued.serial.clone());
                     // No credential leaves unrecorded.
                     self.state.audit(&ev).map_err(|_| unavailable_audit())?;
-                    let mut chain: Vec<Vec<u8>> = issued.chain.iter().map(|c| c.to_vec()).collect();
-                    chain.push(self.state.ca.cert().to_vec());
-                    out.cert_chain = chain;
+                    // Leaf only: the root is in the bundle (X509-SVID §5.3).
+                    out.cert_chain = issued.chain.iter().map(|c| c.to_vec()).collect();
                     out.expires_at = issued.not_after;
                 }
                 Err(e) => {

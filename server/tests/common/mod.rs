@@ -161,6 +161,18 @@ pub async fn node_channel(
     client: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
     connects: Arc<AtomicUsize>,
 ) -> Result<node::node_client::NodeClient<Channel>, tonic::transport::Error> {
+    Ok(node::node_client::NodeClient::new(
+        tls_channel(addr, ca, client, connects).await?,
+    ))
+}
+
+/// A gRPC channel over TLS 1.3 to the node port.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    client: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+    connects: Arc<AtomicUsize>,
+) -> Result<Channel, tonic::transport::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
@@ -189,7 +201,7 @@ pub async fn node_channel(
             }
         }))
         .await?;
-    Ok(node::node_client::NodeClient::new(ch))
+    Ok(ch)
 }
 
 /// The CA certificate, from the admin API's bundle.
