@@ -132,6 +132,29 @@ fn token_entry_agent_and_bundle_commands() {
     assert_eq!(e["jwt_ttl_seconds"], 900);
     assert_eq!(e["x509_ttl_seconds"], 3600);
 
+    // entry update replaces the fields, keeps the ID, bumps the revision.
+    let up = json_ok(sigil(
+        s,
+        &[
+            "entry",
+            "update",
+            &id,
+            "--spiffe-id",
+            "spiffe://example.org/ai/scheduler",
+            "--parent-id",
+            agent_id,
+            "--selector",
+            "unix:uid:1001",
+            "--audience",
+            "calendar",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(up["id"], id.as_str());
+    assert_eq!(up["audiences"], serde_json::json!(["calendar"]));
+    assert_eq!(up["selectors"], serde_json::json!(["unix:uid:1001"]));
+    assert!(up["revision"].as_u64().unwrap() > e["revision"].as_u64().unwrap());
     let list = json_ok(sigil(s, &["entry", "list", "--output", "json"]));
     assert_eq!(list.as_array().unwrap().len(), 1);
     let shown = json_ok(sigil(s, &["entry", "show", &id, "--output", "json"]));

@@ -108,6 +108,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Creates an entry, assigning its revision.
     fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Replaces an entry (same ID), assigning a new revision. When the
+    /// parent changes, the old parent's agent sees a deletion.
+    fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
     /// Deletes an entry.
     fn delete_entry(&self, id: &str) -> Result<Entry, StoreError>;
     /// One entry.
@@ -365,6 +368,48 @@ impl Store for SledStore {
                 meta.insert(META_REVISION, &rev.to_be_bytes())?;
                 entries.insert(e.id.as_bytes(), ev)?;
                 by_parent.insert(idx.clone(), &[])?;
+                changes.insert(&rev.to_be_bytes(), cv)?;
+                Ok(e)
+            })
+            .map_err(tx_err)?;
+        self.flush()?;
+        Ok(out)
+    }
+
+    fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
+        let out = (&self.meta, &self.entries, &self.by_parent, &self.changes)
+            .transaction(|(meta, entries, by_parent, changes)| {
+                let Some(old) = entries.get(entry.id.as_bytes())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound));
+                };
+                let old: Entry =
+                    dec("entries", &old).map_err(ConflictableTransactionError::Abort)?;
+                let mut rev = decode_rev(meta.get(META_REVISION)?);
+                if old.parent_id != entry.parent_id {
+                    rev += 1;
+                    let gone = ChangeRecord {
+                        entry_id: old.id.clone(),
+                        parent_id: old.parent_id.to_string(),
+                        deleted: true,
+                    };
+                    let gv = enc(&gone).map_err(ConflictableTransactionError::Abort)?;
+                    changes.insert(&rev.to_be_bytes(), gv)?;
+                    by_parent.remove(parent_key(old.parent_id.as_str(), &old.id))?;
+                    by_parent.insert(parent_key(entry.parent_id.as_str(), &entry.id), &[])?;
+                }
+                rev += 1;
+                let mut e = entry.clone();
+                e.revision = rev;
+                e.created_at = old.created_at;
+                let change = ChangeRecord {
+                    entry_id: e.id.clone(),
+                    parent_id: e.parent_id.to_string(),
+                    deleted: false,
+                };
+                let ev = enc(&e).map_err(ConflictableTransactionError::Abort)?;
+                let cv = enc(&change).map_err(ConflictableTransactionError::Abort)?;
+                meta.insert(META_REVISION, &rev.to_be_bytes())?;
+                entries.insert(e.id.as_bytes(), ev)?;
                 changes.insert(&rev.to_be_bytes(), cv)?;
                 Ok(e)
             })
@@ -687,6 +732,34 @@ mod tests {
             s.create_entry(entry("e4", a2.as_str())).unwrap().revision,
             5
         );
+    }
+
+    #[test]
+    fn entry_update_and_reparenting_reach_both_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let a1 = id("spiffe://td/agent/join/a1");
+        let a2 = id("spiffe://td/agent/join/a2");
+        let mut e = s.create_entry(entry("e1", a1.as_str())).unwrap();
+        e.audiences = vec!["b".into()];
+        let up = s.update_entry(e.clone()).unwrap();
+        assert_eq!(up.revision, 2);
+        let ch = s.entry_changes(&a1, 1).unwrap();
+        assert_eq!(ch.entries[0].audiences, ["b"]);
+        // Move it to a2: a1 sees a deletion, a2 the entry.
+        e.parent_id = a2.clone();
+        let moved = s.update_entry(e.clone()).unwrap();
+        assert_eq!(moved.revision, 4);
+        let ch1 = s.entry_changes(&a1, 2).unwrap();
+        assert_eq!(ch1.deleted, ["e1"]);
+        assert!(ch1.entries.is_empty());
+        let ch2 = s.entry_changes(&a2, 2).unwrap();
+        assert_eq!(ch2.entries.len(), 1);
+        assert!(s.entries_by_parent(&a1).unwrap().is_empty());
+        assert_eq!(s.entries_by_parent(&a2).unwrap().len(), 1);
+        let mut ghost = e.clone();
+        ghost.id = "nope".into();
+        assert!(matches!(s.update_entry(ghost), Err(StoreError::NotFound)));
     }
 
     #[test]
