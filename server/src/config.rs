@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Admin API Unix socket (mode 0600). Default <data-dir>/admin.sock.
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
+    /// Plain-HTTP endpoint for the bundle, JWKS, OIDC discovery, /live,
+    /// /ready and /metrics. Default: off.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<SocketAddr>,
     /// Audit log file (JSON lines). Default <data-dir>/audit.log.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -58,6 +62,7 @@ struct FileConfig {
     trust_domain: Option<String>,
     listen: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
+    http_listen: Option<SocketAddr>,
     audit_log: Option<PathBuf>,
     #[serde(default)]
     server_dns_names: Vec<String>,
@@ -89,6 +94,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// HTTP endpoint address, if enabled.
+    pub http_listen: Option<SocketAddr>,
     /// Audit log path.
     pub audit_log: PathBuf,
     /// Extra server DNS names.
@@ -176,6 +183,7 @@ impl Config {
                 .clone()
                 .or(file.admin_socket)
                 .unwrap_or_else(|| data_dir.join("admin.sock")),
+            http_listen: args.http_listen.or(file.http_listen),
             audit_log: args
                 .audit_log
                 .clone()

@@ -49,6 +49,7 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         },
         agent_svid_ttl: cfg.agent_svid_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
+        metrics: Default::default(),
     }))
 }
 
@@ -96,6 +97,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding node API on {}", cfg.listen))?;
     let admin = bind_admin_socket(&cfg.admin_socket)?;
+    if let Some(addr) = cfg.http_listen {
+        let http = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding HTTP endpoint on {addr}"))?;
+        tracing::info!(listen = %http.local_addr()?, "HTTP endpoint (bundle, OIDC, health, metrics)");
+        tokio::spawn(crate::api::http::serve(http, state.clone()));
+    }
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         listen = %tcp.local_addr()?,

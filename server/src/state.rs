@@ -27,6 +27,43 @@ pub struct ServerState {
     pub agent_svid_ttl: i64,
     /// `iss` claim of JWT-SVIDs, if any.
     pub jwt_issuer: Option<String>,
+    /// Counters for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// Audit events counted by method and outcome: every attestation, mint
+/// and refusal is audited, so this is what `/metrics` exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counts: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Metrics {
+    /// Counts one event.
+    pub fn count(&self, method: &str, outcome: &'static str) {
+        let mut g = match self.counts.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g.entry((method.to_owned(), outcome)).or_insert(0) += 1;
+    }
+
+    /// Prometheus text exposition.
+    pub fn prometheus(&self) -> String {
+        let g = match self.counts.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let mut out = String::from(
+            "# HELP sigil_events_total Audited events by API method and outcome.\n# TYPE sigil_events_total counter\n",
+        );
+        for ((method, outcome), n) in g.iter() {
+            out.push_str(&format!(
+                "sigil_events_total{{method=\"{method}\",outcome=\"{outcome}\"}} {n}\n"
+            ));
+        }
+        out
+    }
 }
 
 impl ServerState {
@@ -51,6 +88,7 @@ impl ServerState {
 
     /// Writes an audit line.
     pub fn audit(&self, ev: &AuditEvent) -> Result<(), crate::audit::AuditError> {
+        self.metrics.count(&ev.method, ev.outcome);
         let r = self.audit.record(ev);
         if let Err(e) = &r {
             tracing::error!(error = %e, method = %ev.method, "audit log write failed");

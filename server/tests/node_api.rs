@@ -552,3 +552,34 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
     assert!(stderr.contains("CA key is missing"), "{stderr}");
     assert!(stderr.contains("refusing to start"), "{stderr}");
 }
+
+#[tokio::test]
+async fn http_endpoint_serves_bundle_keys_oidc_health_and_metrics() {
+    let server = Server::start();
+    let ca = ca_cert(&server).await;
+    // One attestation, so /metrics has something to count.
+    attest(&server, &ca).await;
+    let (st, body) = server.http_get("/bundle");
+    assert_eq!(st, 200);
+    let b = Bundle::from_spiffe_json(TrustDomain::new(TD).unwrap(), body.as_bytes()).unwrap();
+    assert_eq!(b.x509.authorities()[0], ca);
+    assert_eq!(b.jwt.keys().count(), 1);
+    let (st, body) = server.http_get("/keys");
+    assert_eq!(st, 200);
+    let jwks = sigil::JwtBundle::from_jwks(TrustDomain::new(TD).unwrap(), body.as_bytes()).unwrap();
+    assert_eq!(jwks.keys().count(), 1);
+    let (st, body) = server.http_get("/.well-known/openid-configuration");
+    assert_eq!(st, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], "https://sigil.example.org");
+    assert_eq!(doc["jwks_uri"], "https://sigil.example.org/keys");
+    assert_eq!(server.http_get("/live").0, 200);
+    assert_eq!(server.http_get("/ready").0, 200);
+    assert_eq!(server.http_get("/nope").0, 404);
+    let (st, metrics) = server.http_get("/metrics");
+    assert_eq!(st, 200);
+    assert!(
+        metrics.contains("sigil_events_total{method=\"node.Attest\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+}

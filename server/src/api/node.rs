@@ -572,6 +572,7 @@ mod tests {
             ttl: TtlPolicy::default(),
             agent_svid_ttl: 3600,
             jwt_issuer: None,
+            metrics: Default::default(),
         });
         let api = NodeApi::new(state.clone());
         let token = "t0k3n";
