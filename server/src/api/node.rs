@@ -558,6 +558,10 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
+        fixture_with_agent_ttl(3600).await
+    }
+
+    async fn fixture_with_agent_ttl(agent_svid_ttl: i64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
@@ -570,7 +574,7 @@ mod tests {
             jwt,
             audit: audit.clone(),
             ttl: TtlPolicy::default(),
-            agent_svid_ttl: 3600,
+            agent_svid_ttl,
             jwt_issuer: None,
             metrics: Default::default(),
         });
@@ -711,6 +715,22 @@ mod tests {
             .unwrap();
         assert_ne!(v1.kid(), v2.kid());
         assert_eq!(v2.kid(), f.state.jwt.active().0.kid());
+    }
+
+    #[tokio::test]
+    async fn an_expired_agent_svid_is_refused_per_call() {
+        let f = fixture_with_agent_ttl(1).await;
+        f.api
+            .fetch_bundle(f.req(pb::FetchBundleRequest {}))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let err = f
+            .api
+            .fetch_bundle(f.req(pb::FetchBundleRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
     }
 
     #[tokio::test]
