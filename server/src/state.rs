@@ -87,8 +87,17 @@ impl ServerState {
     }
 
     /// Writes an audit line.
+    /// Caller-supplied strings (IDs, audiences) are clipped to
+    /// [`MAX_AUDIT_FIELD`] bytes so a request cannot bloat the log.
     pub fn audit(&self, ev: &AuditEvent) -> Result<(), crate::audit::AuditError> {
         self.metrics.count(&ev.method, ev.outcome);
+        let mut ev = ev.clone();
+        for f in [&mut ev.spiffe_id, &mut ev.audience, &mut ev.reason] {
+            if let Some(s) = f.as_mut() {
+                clip(s, MAX_AUDIT_FIELD);
+            }
+        }
+        let ev = &ev;
         let r = self.audit.record(ev);
         if let Err(e) = &r {
             tracing::error!(error = %e, method = %ev.method, "audit log write failed");
@@ -97,7 +106,38 @@ impl ServerState {
     }
 }
 
+/// Longest caller-supplied string written to the audit log, bytes.
+pub const MAX_AUDIT_FIELD: usize = 2048;
+
+/// Truncates `s` to at most `max` bytes on a char boundary, marking the cut.
+fn clip(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
+}
+
 /// A random request ID.
 pub fn request_id() -> String {
     random_bytes::<8>().map(|b| hex(&b)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_respects_char_boundaries() {
+        let mut s = "ééé".to_owned();
+        clip(&mut s, 3);
+        assert_eq!(s, "é…");
+        let mut short = "abc".to_owned();
+        clip(&mut short, 3);
+        assert_eq!(short, "abc");
+    }
 }
