@@ -199,12 +199,20 @@ impl X509Bundle {
             if !cert_is_current(&der, now).map_err(|_| BundleError::BadCertificate(i))? {
                 continue;
             }
+            if authority_jwk(&der).is_none() {
+                return Err(BundleError::BadCertificate(i));
+            }
             authorities.push(der);
         }
-        Ok(Self {
+        let x509 = Self {
             trust_domain,
             authorities,
-        })
+        };
+        check_output_size(&Bundle {
+            x509: x509.clone(),
+            ..Bundle::empty(x509.trust_domain.clone())
+        })?;
+        Ok(x509)
     }
 
     /// From PEM `CERTIFICATE` blocks.
@@ -505,6 +513,9 @@ impl Bundle {
                         .as_str()
                         .and_then(|s| STANDARD.decode(s).ok())
                         .ok_or(bad("`x5c` entry is not base64"))?;
+                    if authority_jwk(&der).is_none() {
+                        return Err(bad("`x5c` certificate key is not EC P-256/P-384 or RSA"));
+                    }
                     match cert_is_current(&der, now) {
                         Ok(true) => bundle.x509.authorities.push(CertificateDer::from(der)),
                         Ok(false) => {} // expired authority: dropped
@@ -518,6 +529,7 @@ impl Bundle {
                 _ => {} // unknown use: ignored per the SPIFFE bundle spec
             }
         }
+        check_output_size(&bundle)?;
         Ok(bundle)
     }
 
@@ -525,13 +537,9 @@ impl Bundle {
     pub fn to_spiffe_json(&self) -> String {
         let mut keys = Vec::new();
         for c in self.x509.authorities() {
-            let mut m = Map::new();
-            if let Some((x, y)) = cert_ec_p256_point(c) {
-                m.insert("kty".into(), "EC".into());
-                m.insert("crv".into(), "P-256".into());
-                m.insert("x".into(), URL_SAFE_NO_PAD.encode(x).into());
-                m.insert("y".into(), URL_SAFE_NO_PAD.encode(y).into());
-            }
+            // Loading refuses authorities without a JWK form, so this is
+            // only empty for authorities added directly by an issuer.
+            let mut m = authority_jwk(c).unwrap_or_default();
             m.insert("use".into(), "x509-svid".into());
             m.insert("x5c".into(), json!([STANDARD.encode(c.as_ref())]));
             keys.push(Value::Object(m));
@@ -553,15 +561,60 @@ impl Bundle {
     }
 }
 
-fn cert_ec_p256_point(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+/// The JWK members (`kty` and the public key) of an authority's key: EC
+/// P-256/P-384 or RSA. `None` for key types a JWK here cannot express.
+fn authority_jwk(der: &[u8]) -> Option<Map<String, Value>> {
+    use x509_parser::public_key::PublicKey;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let spki = cert.public_key();
-    let point = spki.subject_public_key.data.as_ref();
-    if point.len() == 65 && point[0] == 4 {
-        Some((point[1..33].to_vec(), point[33..].to_vec()))
-    } else {
-        None
+    let mut m = Map::new();
+    match spki.parsed().ok()? {
+        PublicKey::EC(point) => {
+            let curve = spki.algorithm.parameters.as_ref()?.as_oid().ok()?;
+            let (crv, n) = if curve == x509_parser::oid_registry::OID_EC_P256 {
+                ("P-256", 32)
+            } else if curve == x509_parser::oid_registry::OID_NIST_EC_P384 {
+                ("P-384", 48)
+            } else {
+                return None;
+            };
+            let p = point.data();
+            if p.len() != 1 + 2 * n || p[0] != 4 {
+                return None;
+            }
+            m.insert("kty".into(), "EC".into());
+            m.insert("crv".into(), crv.into());
+            m.insert("x".into(), URL_SAFE_NO_PAD.encode(&p[1..1 + n]).into());
+            m.insert("y".into(), URL_SAFE_NO_PAD.encode(&p[1 + n..]).into());
+        }
+        PublicKey::RSA(rsa) => {
+            let strip = |b: &[u8]| -> Vec<u8> {
+                let i = b.iter().position(|x| *x != 0).unwrap_or(b.len());
+                b[i..].to_vec()
+            };
+            m.insert("kty".into(), "RSA".into());
+            m.insert(
+                "n".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.modulus)).into(),
+            );
+            m.insert(
+                "e".into(),
+                URL_SAFE_NO_PAD.encode(strip(rsa.exponent)).into(),
+            );
+        }
+        _ => return None,
     }
+    Some(m)
+}
+
+/// What Sigil writes must be readable by Sigil: a bundle whose SPIFFE JSON
+/// form would exceed [`MAX_BUNDLE_BYTES`] is refused at load time, even when
+/// its input form (PEM, a sparser JSON) was smaller.
+fn check_output_size(bundle: &Bundle) -> Result<(), BundleError> {
+    if bundle.to_spiffe_json().len() > MAX_BUNDLE_BYTES {
+        return Err(BundleError::TooLarge);
+    }
+    Ok(())
 }
 
 fn parse_ec_jwk(key: &Map<String, Value>) -> Result<JwtKey, &'static str> {
@@ -617,10 +670,7 @@ impl BundleSet {
     /// The bundle for a trust domain given by name, without allocating a
     /// [`TrustDomain`].
     pub fn get_by_name(&self, name: &str) -> Option<&Bundle> {
-        self.bundles
-            .iter()
-            .find(|(td, _)| td.name() == name)
-            .map(|(_, b)| b)
+        self.bundles.get(name)
     }
 
     /// All bundles.
@@ -780,6 +830,50 @@ mod tests {
         let b = X509Bundle::from_ders(td(), vec![live.clone(), dead]).unwrap();
         assert_eq!(b.authorities(), &[live]);
         assert!(X509Bundle::from_ders(td(), vec![CertificateDer::from(vec![0x30, 0x00])]).is_err());
+    }
+
+    /// Found by the `bundle` fuzz target: PEM input just under the cap grew
+    /// past it as SPIFFE JSON, so Sigil could not read back what it wrote.
+    #[test]
+    fn what_loads_also_reads_back() {
+        let pem = X509Bundle {
+            trust_domain: td(),
+            authorities: vec![ca(2099)],
+        }
+        .to_pem();
+        let copies = MAX_BUNDLE_BYTES / pem.len();
+        let big = pem.repeat(copies);
+        assert!(big.len() <= MAX_BUNDLE_BYTES);
+        assert_eq!(
+            Bundle::parse_any(td(), big.as_bytes()),
+            Err(BundleError::TooLarge)
+        );
+        // A modest bundle round-trips, and every authority entry has a kty.
+        let b = Bundle::parse_any(td(), pem.repeat(3).as_bytes()).unwrap();
+        let json = b.to_spiffe_json();
+        let doc: Value = serde_json::from_str(&json).unwrap();
+        for k in doc["keys"].as_array().unwrap() {
+            assert_eq!(k["kty"], "EC");
+            assert_eq!(k["crv"], "P-256");
+        }
+        assert_eq!(Bundle::from_spiffe_json(td(), json.as_bytes()).unwrap(), b);
+    }
+
+    #[test]
+    fn authority_jwk_names_the_right_curve() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let der = p.self_signed(&key).unwrap().der().clone();
+        let jwk = authority_jwk(&der).unwrap();
+        assert_eq!(jwk["crv"], "P-384");
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(jwk["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            48
+        );
     }
 
     #[test]

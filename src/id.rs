@@ -157,6 +157,15 @@ impl TrustDomain {
     }
 }
 
+// `TrustDomain` orders and compares by `name` alone, so borrowing it as the
+// name is consistent with `Ord`/`Eq`/`Hash`: maps keyed by trust domain can be
+// queried with a `&str` without allocating.
+impl std::borrow::Borrow<str> for TrustDomain {
+    fn borrow(&self) -> &str {
+        &self.name
+    }
+}
+
 impl fmt::Display for TrustDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)

@@ -23,11 +23,18 @@ pub mod endpoint;
 pub mod id;
 mod json;
 pub mod key;
+pub mod source;
 pub mod svid;
 pub mod validate;
 
 #[cfg(feature = "proto")]
 pub mod proto;
+
+#[cfg(feature = "tls")]
+pub mod tls;
+
+#[cfg(feature = "layer")]
+pub mod layer;
 
 #[cfg(feature = "workload-client")]
 pub mod workload;

@@ -271,3 +271,68 @@ fn x509_context(msg: pb::X509svidResponse) -> Result<X509Context, ClientError> {
     }
     Ok(X509Context { svids, bundles })
 }
+
+/// JWT bundles kept current from the Workload API's `FetchJWTBundles`
+/// stream. A background task follows the stream and reconnects with backoff
+/// (up to 30 s); a failed or invalid update never replaces the last good
+/// set. Dropping the source stops the task.
+#[derive(Debug)]
+pub struct WorkloadJwtBundleSource {
+    shared: std::sync::Arc<crate::source::SharedBundles>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WorkloadJwtBundleSource {
+    /// Connects, waits for the first bundle set (so validation can start
+    /// right away), then keeps following the stream.
+    pub async fn start(endpoint: Endpoint) -> Result<Self, ClientError> {
+        let mut client = WorkloadApiClient::connect(&endpoint).await?;
+        let mut stream = client.watch_jwt_bundles().await?;
+        let first = stream.next().await.ok_or(ClientError::StreamEnded)??;
+        let shared = std::sync::Arc::new(crate::source::SharedBundles::new(first));
+        let s = shared.clone();
+        let task = tokio::spawn(async move {
+            type Jwks =
+                std::pin::Pin<Box<dyn Stream<Item = Result<BundleSet, ClientError>> + Send>>;
+            let mut stream: Option<Jwks> = Some(Box::pin(stream));
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                if let Some(st) = stream.as_mut() {
+                    while let Some(msg) = st.next().await {
+                        match msg {
+                            Ok(set) => {
+                                s.update(set);
+                                backoff = std::time::Duration::from_millis(100);
+                            }
+                            // An invalid update is dropped; the stream ends or
+                            // carries on, and the last good set stays.
+                            Err(ClientError::InvalidResponse(_)) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+                stream = None;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                if let Ok(mut c) = WorkloadApiClient::connect(&endpoint).await
+                    && let Ok(st) = c.watch_jwt_bundles().await
+                {
+                    stream = Some(Box::pin(st));
+                }
+            }
+        });
+        Ok(Self { shared, task })
+    }
+}
+
+impl crate::source::BundleSource for WorkloadJwtBundleSource {
+    fn bundles(&self) -> std::sync::Arc<BundleSet> {
+        self.shared.bundles()
+    }
+}
+
+impl Drop for WorkloadJwtBundleSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -1,5 +1,5 @@
-//! `sigil`: the command-line tool for Sigil — administer a server over its
-//! admin socket (this file), and (elsewhere) validate and fetch SVIDs.
+//! `sigil`: the command-line tool for Sigil — validate SVIDs, fetch them from
+//! the Workload API, and administer a server over its admin socket.
 //!
 //! Exit codes: 0 success, 1 the operation failed (one line on stderr names
 //! the reason), 2 usage error.
@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod admin;
+mod fetch;
+mod validate;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +28,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Validate a JWT-SVID or an X.509-SVID chain against trust bundles.
+    #[command(subcommand)]
+    Validate(validate::Command),
+    /// Fetch SVIDs and bundles from the Workload API ($SPIFFE_ENDPOINT_SOCKET).
+    #[command(subcommand)]
+    Fetch(fetch::Command),
     #[command(flatten)]
     Admin(admin::Command),
 }
@@ -33,6 +41,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Validate(cmd) => validate::run(cmd),
+        Command::Fetch(cmd) => fetch::run(cmd),
         Command::Admin(cmd) => admin::run(cli.admin_socket, cmd),
     };
     match result {

@@ -239,17 +239,16 @@ impl X509Svid {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKey,
     ) -> Result<Self, X509SvidError> {
-        let (id, not_after) = check_chain(&chain)?;
-        let leaf_key = check_leaf(&chain[0])?.public_key;
+        let leaf = check_chain(&chain)?;
         match key.public_key_sec1() {
-            Ok(pk) if pk == leaf_key => {}
+            Ok(pk) if pk == leaf.public_key => {}
             _ => return Err(X509SvidError::KeyMismatch),
         }
         Ok(Self {
-            id,
+            id: leaf.id,
             chain,
             key,
-            not_after,
+            not_after: leaf.not_after,
         })
     }
 
@@ -309,11 +308,11 @@ impl X509Svid {
 }
 
 /// Checks leaf and signing-certificate rules on a whole chain.
-pub(crate) fn check_chain(chain: &[CertificateDer<'_>]) -> Result<(SpiffeId, i64), X509SvidError> {
+pub(crate) fn check_chain(chain: &[CertificateDer<'_>]) -> Result<LeafFacts, X509SvidError> {
     let leaf = chain.first().ok_or(X509SvidError::EmptyChain)?;
     let facts = check_leaf(leaf)?;
     for (i, c) in chain.iter().enumerate().skip(1) {
         check_signing_cert(c, i, &facts.id)?;
     }
-    Ok((facts.id, facts.not_after))
+    Ok(facts)
 }

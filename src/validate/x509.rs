@@ -97,7 +97,8 @@ pub fn verify_x509_svid(
     now: SystemTime,
     authorizer: &dyn Authorizer,
 ) -> Result<VerifiedX509Svid, X509SvidError> {
-    let (id, not_after) = check_chain(chain)?;
+    let leaf = check_chain(chain)?;
+    let (id, not_after) = (leaf.id, leaf.not_after);
     let bundle = bundles
         .get_by_name(id.trust_domain_name())
         .ok_or_else(|| X509SvidError::NoBundleForTrustDomain(id.trust_domain_name().to_owned()))?;
