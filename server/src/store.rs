@@ -169,6 +169,19 @@ pub struct SledStore {
     agents: sled::Tree,
 }
 
+/// Runs `f`, which may block on disk I/O (an fsync), without stalling the
+/// async runtime: on a multi-threaded tokio runtime through
+/// `block_in_place`, elsewhere (plain threads, a current-thread runtime)
+/// directly.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Db(format!("encode: {e}")))
 }
@@ -225,7 +238,7 @@ impl SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        blocking(|| self.db.flush())?;
         Ok(())
     }
 }
@@ -791,6 +804,24 @@ mod tests {
             AgentStatus::Evicted
         );
         assert_eq!(s.agents().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_from_async_tasks_do_not_need_a_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SledStore::open(dir.path()).unwrap());
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.put_join_token(&[i; 32], i64::MAX) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let on_current_thread =
+            tokio::task::spawn_blocking(move || s.spend_join_token(&[0; 32], 1).unwrap());
+        assert_eq!(on_current_thread.await.unwrap(), SpendOutcome::Spent);
     }
 
     #[test]
