@@ -132,6 +132,24 @@ fn token_entry_agent_and_bundle_commands() {
     assert_eq!(e["jwt_ttl_seconds"], 900);
     assert_eq!(e["x509_ttl_seconds"], 3600);
 
+    // The same entry again is refused.
+    let dup = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .env("SIGIL_ADMIN_SOCKET", s)
+        .args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/ai/scheduler",
+            "--parent-id",
+            agent_id,
+            "--selector",
+            "unix:uid:1000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"));
+
     // entry update replaces the fields, keeps the ID, bumps the revision.
     let up = json_ok(sigil(
         s,

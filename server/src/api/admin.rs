@@ -284,6 +284,21 @@ impl pb::admin_server::Admin for AdminApi {
                 return Err(e.into());
             }
         };
+        // One entry per (parent, SPIFFE ID, selectors): a duplicate would make
+        // deletes and audience changes ambiguous.
+        let siblings = self
+            .state
+            .store
+            .entries_by_parent(&e.parent_id)
+            .map_err(store_status)?;
+        if let Some(dup) = siblings
+            .iter()
+            .find(|o| o.spiffe_id == e.spiffe_id && o.selectors == e.selectors)
+        {
+            let msg = format!("an identical entry exists: {}", dup.id);
+            self.deny(ev, msg.clone());
+            return Err(Status::already_exists(msg));
+        }
         let e = self.state.store.create_entry(e).map_err(store_status)?;
         self.record(&ev)?;
         Ok(Response::new(entry_to_pb(&e)))
