@@ -286,6 +286,9 @@ pub struct JwtKeys {
     store: std::sync::Arc<dyn Store>,
     policy: JwtKeyPolicy,
     inner: RwLock<KeySet>,
+    /// The bundle's sequence number: persisted, bumped on every change of
+    /// the published key set, so it only grows.
+    sequence: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -329,10 +332,15 @@ impl JwtKeys {
             all.push(k);
         }
         let active = Self::pick_active(&all)?;
+        let mut seq = store.bundle_sequence()?;
+        if seq == 0 {
+            seq = store.bump_bundle_sequence()?;
+        }
         let keys = Self {
             store,
             policy,
             inner: RwLock::new(KeySet { all, active }),
+            sequence: std::sync::atomic::AtomicU64::new(seq),
         };
         keys.rotate(now)?;
         Ok(keys)
@@ -353,6 +361,18 @@ impl JwtKeys {
             Ok(g) => g.active.clone(),
             Err(p) => p.into_inner().active.clone(),
         }
+    }
+
+    /// The bundle sequence number.
+    pub fn sequence(&self) -> u64 {
+        self.sequence.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) -> Result<(), CaError> {
+        let n = self.store.bump_bundle_sequence()?;
+        self.sequence
+            .fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Keys to publish: prepared, active and retired-but-not-yet-dropped.
@@ -410,6 +430,9 @@ impl JwtKeys {
             self.store.delete_jwt_key(&kid)?;
         }
         changed |= g.all.len() != before;
+        if changed {
+            self.bump()?;
+        }
         Ok(changed)
     }
 
@@ -425,6 +448,7 @@ impl JwtKeys {
         let k = new_key(JwtKeyState::Prepared, now, self.policy.key_ttl)?;
         self.store.put_jwt_key(&k)?;
         g.all.push(k.clone());
+        self.bump()?;
         Ok(k)
     }
 
@@ -437,6 +461,7 @@ impl JwtKeys {
         if !self.activate_locked(&mut g, now)? {
             return Err(CaError::NoPreparedKey);
         }
+        self.bump()?;
         let kid = g.active.0.kid().to_owned();
         g.all
             .iter()
@@ -458,7 +483,9 @@ impl JwtKeys {
             return Err(CaError::KeyIsActive);
         }
         self.store.delete_jwt_key(kid)?;
-        Ok(g.all.remove(pos))
+        let k = g.all.remove(pos);
+        self.bump()?;
+        Ok(k)
     }
 
     /// Forces a rotation now: prepares a key if there is none, activates it
@@ -474,7 +501,7 @@ impl JwtKeys {
             g.all.push(k);
         }
         self.activate_locked(&mut g, now)?;
-        Ok(())
+        self.bump()
     }
 
     fn activate_locked(&self, g: &mut KeySet, now: i64) -> Result<bool, CaError> {
@@ -716,10 +743,16 @@ mod tests {
         assert_eq!(a.kid, p.kid);
         assert_eq!(a.state, JwtKeyState::Active);
         assert_eq!(keys.active().0.kid(), p.kid);
+        let before_revoke = keys.sequence();
         let r = keys.revoke(&k1).unwrap();
         assert_eq!(r.state, JwtKeyState::Retired);
+        assert!(keys.sequence() > before_revoke, "sequence only grows");
         assert!(matches!(keys.revoke(&k1), Err(CaError::UnknownKey(_))));
         assert_eq!(store.jwt_keys().unwrap().len(), 1);
+        let seq = keys.sequence();
+        drop(keys);
+        let again = JwtKeys::load(store, JwtKeyPolicy::default(), false, now).unwrap();
+        assert_eq!(again.sequence(), seq, "persisted");
     }
 
     #[test]

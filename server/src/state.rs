@@ -67,18 +67,10 @@ impl Metrics {
 }
 
 impl ServerState {
-    /// The trust bundle as published now. Its sequence number is the newest
-    /// key creation time, so it grows with every rotation.
+    /// The trust bundle as published now. Its sequence number grows with
+    /// every change of the published keys.
     pub fn bundle(&self) -> Bundle {
-        let seq = self
-            .jwt
-            .published()
-            .iter()
-            .map(|k| k.created_at)
-            .max()
-            .unwrap_or(0)
-            .max(0) as u64;
-        ca::bundle(&self.td, &self.ca, &self.jwt, seq)
+        ca::bundle(&self.td, &self.ca, &self.jwt, self.jwt.sequence())
     }
 
     /// The bundle as a one-element set (for verification).

@@ -86,6 +86,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Marks the store as initialized for `td`.
     fn set_trust_domain(&self, td: &str) -> Result<(), StoreError>;
 
+    /// The trust bundle's sequence number (0 before the first bump).
+    fn bundle_sequence(&self) -> Result<u64, StoreError>;
+    /// Increments the bundle sequence number and returns the new value.
+    fn bump_bundle_sequence(&self) -> Result<u64, StoreError>;
+
     /// The X.509 CA, if any.
     fn ca(&self) -> Result<Option<StoredCa>, StoreError>;
     /// Stores the CA; refuses to replace an existing one.
@@ -140,6 +145,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 const META_TRUST_DOMAIN: &[u8] = b"trust_domain";
 const META_REVISION: &[u8] = b"revision";
 const KEY_CA: &[u8] = b"ca";
+const META_BUNDLE_SEQUENCE: &[u8] = b"bundle_sequence";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -259,6 +265,19 @@ impl Store for SledStore {
     fn set_trust_domain(&self, td: &str) -> Result<(), StoreError> {
         self.meta.insert(META_TRUST_DOMAIN, td.as_bytes())?;
         self.flush()
+    }
+
+    fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        Ok(decode_rev(self.meta.get(META_BUNDLE_SEQUENCE)?))
+    }
+
+    fn bump_bundle_sequence(&self) -> Result<u64, StoreError> {
+        let new = self.meta.update_and_fetch(META_BUNDLE_SEQUENCE, |old| {
+            let n = decode_rev(old.map(sled::IVec::from)) + 1;
+            Some(n.to_be_bytes().to_vec())
+        })?;
+        self.flush()?;
+        Ok(decode_rev(new))
     }
 
     fn ca(&self) -> Result<Option<StoredCa>, StoreError> {
