@@ -77,6 +77,11 @@ fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Whether a peer with `uid` may use the admin socket owned by `owner`.
+pub fn admin_peer_allowed(uid: Option<u32>, owner: u32) -> bool {
+    matches!(uid, Some(u) if u == owner || u == 0)
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<()> {
     let state = build_state(&cfg)?;
@@ -176,9 +181,34 @@ pub async fn run(cfg: Config) -> Result<()> {
         .add_service(health_service)
         .add_service(NodeServer::new(NodeApi::new(state.clone())))
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+    // Defence in depth behind the socket's 0600 mode: only the server's own
+    // uid (the socket's owner) and root may talk to the admin API.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&cfg.admin_socket)
+            .with_context(|| format!("stat {}", cfg.admin_socket.display()))?
+            .uid()
+    };
+    let admin_incoming = {
+        use tokio_stream::StreamExt;
+        tokio_stream::wrappers::UnixListenerStream::new(admin).filter(move |conn| match conn {
+            Ok(s) => {
+                let uid = s.peer_cred().ok().map(|c| c.uid());
+                let ok = admin_peer_allowed(uid, owner);
+                if !ok {
+                    tracing::warn!(
+                        ?uid,
+                        "admin connection refused: not the server's user or root"
+                    );
+                }
+                ok
+            }
+            Err(_) => true,
+        })
+    };
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminApi::new(state.clone())))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(admin));
+        .serve_with_incoming(admin_incoming);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
@@ -190,4 +220,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("sigil-server stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_peers_are_the_owner_or_root() {
+        assert!(admin_peer_allowed(Some(1000), 1000));
+        assert!(admin_peer_allowed(Some(0), 1000));
+        assert!(!admin_peer_allowed(Some(1001), 1000));
+        assert!(!admin_peer_allowed(None, 1000));
+    }
 }
