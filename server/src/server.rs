@@ -5,7 +5,7 @@ use crate::api::admin::AdminApi;
 use crate::api::node::NodeApi;
 use crate::audit::FileAuditSink;
 use crate::ca::{self, JwtKeyPolicy};
-use crate::config::{Config, ensure_private_dir};
+use crate::config::{Config, ensure_private_dir, secure_data_dir};
 use crate::entry::TtlPolicy;
 use crate::model::now_unix;
 use crate::state::ServerState;
@@ -24,7 +24,12 @@ const SERVER_CERT_TTL: i64 = 24 * 3600;
 /// Opens the store and keys. Fails (and never creates a new CA) when the
 /// data dir holds state whose CA key is missing.
 pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
-    ensure_private_dir(&cfg.data_dir)?;
+    if secure_data_dir(&cfg.data_dir)? {
+        tracing::warn!(
+            data_dir = %cfg.data_dir.display(),
+            "data dir was readable by other users; its mode is now 0700"
+        );
+    }
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&cfg.db_dir())
             .with_context(|| format!("opening the database in {}", cfg.db_dir().display()))?,
