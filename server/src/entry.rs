@@ -6,6 +6,7 @@
 //!   and `/sigil/` trees (so no workload can be named like an agent or the
 //!   server);
 //! - at least one selector, each `type:value` with non-empty parts;
+//!   `unix:uid:N` / `unix:gid:N` with a canonical decimal N;
 //! - selectors that do not separate processes of one uid (`unix:path`,
 //!   `unix:sha256`: a process can connect and then exec) cannot be the only
 //!   ones;
@@ -142,10 +143,24 @@ fn parse_selector(s: &str) -> Result<Selector, EntryError> {
     {
         return Err(bad());
     }
+    // Numeric unix selectors must be canonical: `uid:00` would otherwise
+    // dodge the uid-0 rule and never match what the agent reports.
+    if kind == "unix"
+        && let Some(n) = value
+            .strip_prefix("uid:")
+            .or_else(|| value.strip_prefix("gid:"))
+        && !is_canonical_u32(n)
+    {
+        return Err(bad());
+    }
     Ok(Selector {
         kind: kind.to_owned(),
         value: value.to_owned(),
     })
+}
+
+fn is_canonical_u32(s: &str) -> bool {
+    s.parse::<u32>().is_ok_and(|n| n.to_string() == s)
 }
 
 fn is_weak(s: &Selector) -> bool {
@@ -339,6 +354,26 @@ mod tests {
                     r.selectors = vec!["unix:uid:0".into()];
                     r.allow_root = true;
                 },
+                None,
+            ),
+            (
+                "uid with leading zero",
+                |r| r.selectors = vec!["unix:uid:00".into()],
+                Some(EntryError::BadSelector("unix:uid:00".into())),
+            ),
+            (
+                "uid not a number",
+                |r| r.selectors = vec!["unix:uid:bob".into()],
+                Some(EntryError::BadSelector("unix:uid:bob".into())),
+            ),
+            (
+                "gid ok",
+                |r| r.selectors = vec!["unix:gid:100".into()],
+                None,
+            ),
+            (
+                "other kinds are free-form",
+                |r| r.selectors = vec!["systemd:unit:ehr.service".into()],
                 None,
             ),
             (
