@@ -253,6 +253,7 @@ async fn cli_token_entry_then_agent_mints_and_cli_validates_and_evicts() {
             requests: vec![node::X509SvidRequest {
                 entry_id: e["id"].as_str().unwrap().into(),
                 public_key: wkey.subject_public_key_info(),
+                ..Default::default()
             }],
         })
         .await

@@ -69,6 +69,9 @@ pub enum CaError {
     /// The requested key is not an ECDSA P-256 SubjectPublicKeyInfo.
     #[error("public key is not a DER ECDSA P-256 SubjectPublicKeyInfo")]
     BadPublicKey,
+    /// The CSR does not parse or its signature does not verify.
+    #[error("CSR does not parse or its signature does not verify")]
+    BadCsr,
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Cert(String),
@@ -130,6 +133,20 @@ pub fn parse_p256_spki(spki_der: &[u8]) -> Result<SubjectPublicKeyInfo, CaError>
         return Err(CaError::BadPublicKey);
     }
     Ok(spki)
+}
+
+/// The SubjectPublicKeyInfo of a PKCS#10 CSR whose self-signature
+/// verifies. Nothing else of the CSR is used.
+pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, CaError> {
+    use x509_parser::prelude::FromDer;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|_| CaError::BadCsr)?;
+    if !rest.is_empty() {
+        return Err(CaError::BadCsr);
+    }
+    csr.verify_signature().map_err(|_| CaError::BadCsr)?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
 fn not_after_of(der: &[u8]) -> Result<i64, CaError> {
@@ -635,6 +652,22 @@ mod tests {
         let v = verify_x509_svid(&a.chain, &set, std::time::SystemTime::now(), &AnyId).unwrap();
         assert_eq!(v.spiffe_id(), &id);
         assert_eq!(v.not_after(), now + 3600);
+    }
+
+    #[test]
+    fn csr_gives_only_its_key() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["spiffe://example.org/evil".to_owned()]).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params.serialize_request(&key).unwrap();
+        let spki = csr_public_key(csr.der()).unwrap();
+        assert_eq!(spki, rcgen::PublicKeyData::subject_public_key_info(&key));
+        let mut tampered = csr.der().to_vec();
+        let n = tampered.len();
+        tampered[n - 5] ^= 1;
+        assert!(matches!(csr_public_key(&tampered), Err(CaError::BadCsr)));
+        assert!(matches!(csr_public_key(b"junk"), Err(CaError::BadCsr)));
     }
 
     #[test]

@@ -96,10 +96,12 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
                 node::X509SvidRequest {
                     entry_id: e.id.clone(),
                     public_key: wkey.spki(),
+                    ..Default::default()
                 },
                 node::X509SvidRequest {
                     entry_id: "nope".into(),
                     public_key: wkey.spki(),
+                    ..Default::default()
                 },
             ],
         })

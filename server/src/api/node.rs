@@ -419,8 +419,21 @@ impl pb::node_server::Node for NodeApi {
                 results.push(out);
                 continue;
             }
+            let spki = if r.csr.is_empty() {
+                r.public_key.clone()
+            } else {
+                match crate::ca::csr_public_key(&r.csr) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        self.audit_denied(ev, e.to_string());
+                        out.error = e.to_string();
+                        results.push(out);
+                        continue;
+                    }
+                }
+            };
             match self.state.ca.issue(
-                &r.public_key,
+                &spki,
                 &entry.spiffe_id,
                 &entry.dns_names,
                 &[],
@@ -690,6 +703,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await
@@ -715,6 +729,59 @@ mod tests {
             .unwrap();
         assert_ne!(v1.kid(), v2.kid());
         assert_eq!(v2.kid(), f.state.jwt.active().0.kid());
+    }
+
+    #[tokio::test]
+    async fn csr_identity_is_ignored_and_bad_csrs_are_refused() {
+        let f = fixture().await;
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["spiffe://example.org/admin".to_owned()]).unwrap();
+        let csr = params.serialize_request(&key).unwrap().der().to_vec();
+        let mut bad = csr.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 1;
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![
+                    pb::X509SvidRequest {
+                        entry_id: entry_id.clone(),
+                        csr,
+                        ..Default::default()
+                    },
+                    pb::X509SvidRequest {
+                        entry_id,
+                        csr: bad,
+                        ..Default::default()
+                    },
+                ],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> = r.results[0]
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect();
+        let v = verify_x509_svid(
+            &chain,
+            &f.state.bundle_set(),
+            std::time::SystemTime::now(),
+            &sigil::validate::x509::AnyId,
+        )
+        .unwrap();
+        assert_eq!(v.spiffe_id().as_str(), "spiffe://example.org/w");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        assert!(r.results[1].cert_chain.is_empty());
+        assert!(r.results[1].error.contains("CSR"));
     }
 
     #[tokio::test]
@@ -751,6 +818,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await
@@ -788,6 +856,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id: other.id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await
