@@ -101,7 +101,7 @@ pub enum EntryCommand {
     /// Create a registration entry.
     Create {
         #[command(flatten)]
-        spec: EntrySpec,
+        spec: Box<EntrySpec>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -110,7 +110,7 @@ pub enum EntryCommand {
         /// Entry ID.
         id: String,
         #[command(flatten)]
-        spec: EntrySpec,
+        spec: Box<EntrySpec>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -165,6 +165,9 @@ pub struct EntrySpec {
     /// Allow an entry whose only selector is unix:uid:0.
     #[arg(long)]
     allow_root: bool,
+    /// The entry stops yielding SVIDs this long from now, e.g. 30d.
+    #[arg(long, value_name = "DURATION")]
+    expires_in: Option<String>,
 }
 
 impl EntrySpec {
@@ -180,6 +183,16 @@ impl EntrySpec {
             dns_names: self.dns_names,
             min_assurance: self.min_assurance.unwrap_or_default(),
             allow_root: self.allow_root,
+            expires_at: match ttl(self.expires_in)? {
+                Some(d) => {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .context("system clock before 1970")?
+                        .as_secs() as i64
+                        + d
+                }
+                None => 0,
+            },
         })
     }
 }
@@ -291,6 +304,7 @@ fn entry_json(e: &pb::Entry) -> Value {
         "min_assurance": if e.min_assurance.is_empty() { Value::Null } else { e.min_assurance.clone().into() },
         "revision": e.revision,
         "created_at": e.created_at,
+        "expires_at": if e.expires_at == 0 { Value::Null } else { e.expires_at.into() },
     })
 }
 
@@ -405,7 +419,7 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
         }
         Command::Entry(EntryCommand::Create { spec, out }) => {
             let e = c
-                .create_entry(spec.into_request()?)
+                .create_entry((*spec).into_request()?)
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -415,7 +429,7 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
             let e = c
                 .update_entry(pb::UpdateEntryRequest {
                     id,
-                    entry: Some(spec.into_request()?),
+                    entry: Some((*spec).into_request()?),
                 })
                 .await
                 .map_err(status)?

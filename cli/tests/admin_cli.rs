@@ -120,6 +120,8 @@ fn token_entry_agent_and_bundle_commands() {
             "1h",
             "--jwt-ttl",
             "15m",
+            "--expires-in",
+            "30d",
             "--output",
             "json",
         ])
@@ -131,6 +133,9 @@ fn token_entry_agent_and_bundle_commands() {
     assert_eq!(e["audiences"], serde_json::json!(["ehr-fhir", "calendar"]));
     assert_eq!(e["jwt_ttl_seconds"], 900);
     assert_eq!(e["x509_ttl_seconds"], 3600);
+    let expires = e["expires_at"].as_i64().unwrap();
+    let created = e["created_at"].as_i64().unwrap();
+    assert!((expires - created - 30 * 86400).abs() < 60);
 
     // The same entry again is refused.
     let dup = Command::new(env!("CARGO_BIN_EXE_sigil"))

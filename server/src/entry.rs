@@ -14,6 +14,7 @@
 //!   explicit `allow_root`;
 //! - audiences are non-empty printable strings without whitespace, at most
 //!   [`MAX_AUDIENCE_LEN`] bytes; duplicates are removed;
+//! - an expiry, if any, in the future;
 //! - TTLs within [`MIN_TTL_SECS`] and the policy maxima; DNS names are
 //!   syntactically valid host names.
 
@@ -46,6 +47,8 @@ pub struct EntryRequest {
     pub min_assurance: String,
     /// Allow an entry that matches only uid 0.
     pub allow_root: bool,
+    /// Unix seconds after which the entry yields nothing; 0 = never.
+    pub expires_at: i64,
 }
 
 /// TTL policy for entries.
@@ -123,6 +126,9 @@ pub enum EntryError {
     /// A malformed DNS name.
     #[error("dns name {0:?} is not a valid host name")]
     BadDnsName(String),
+    /// An expiry that is not in the future.
+    #[error("expiry {0} is not in the future")]
+    ExpiryInPast(i64),
     /// An unknown assurance level.
     #[error("unknown assurance level {0:?}")]
     BadAssurance(String),
@@ -270,7 +276,13 @@ pub fn validate(
                 .map_err(|_| EntryError::BadAssurance(req.min_assurance.clone()))?,
         )
     };
+    let expires_at = match req.expires_at {
+        0 => None,
+        t if t <= now => return Err(EntryError::ExpiryInPast(t)),
+        t => Some(t),
+    };
     Ok(Entry {
+        expires_at,
         id: hex(&random_bytes::<16>().map_err(|_| EntryError::Rng)?),
         spiffe_id,
         parent_id,
@@ -452,6 +464,12 @@ mod tests {
                 None,
             ),
             ("assurance", |r| r.min_assurance = "al2".into(), None),
+            (
+                "expiry in the past",
+                |r| r.expires_at = -5,
+                Some(EntryError::ExpiryInPast(-5)),
+            ),
+            ("expiry ahead", |r| r.expires_at = 10, None),
             (
                 "bad assurance",
                 |r| r.min_assurance = "gold".into(),

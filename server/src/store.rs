@@ -628,6 +628,7 @@ mod tests {
             jwt_ttl: 300,
             dns_names: vec![],
             min_assurance: None,
+            expires_at: None,
             revision: 0,
             created_at: 0,
         }

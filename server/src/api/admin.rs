@@ -104,6 +104,7 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
             .unwrap_or_default(),
         revision: e.revision,
         created_at: e.created_at,
+        expires_at: e.expires_at.unwrap_or(0),
     }
 }
 
@@ -118,6 +119,7 @@ fn entry_request(r: pb::CreateEntryRequest) -> EntryRequest {
         dns_names: r.dns_names,
         min_assurance: r.min_assurance,
         allow_root: r.allow_root,
+        expires_at: r.expires_at,
     }
 }
 

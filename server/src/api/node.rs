@@ -189,6 +189,7 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
             .map(|l| l.acr().to_owned())
             .unwrap_or_default(),
         revision: e.revision,
+        expires_at: e.expires_at.unwrap_or(0),
     }
 }
 
@@ -417,7 +418,7 @@ impl pb::node_server::Node for NodeApi {
             ev.spiffe_id = Some(entry.spiffe_id.to_string());
             out.spiffe_id = entry.spiffe_id.to_string();
             if let Err(e) =
-                authz::authorize_x509(&entry, &caller.agent.spiffe_id, caller.agent.assurance)
+                authz::authorize_x509(&entry, &caller.agent.spiffe_id, caller.agent.assurance, now)
             {
                 self.audit_denied(ev, e.to_string());
                 out.error = e.to_string();
@@ -495,14 +496,19 @@ impl pb::node_server::Node for NodeApi {
             .store
             .entries_by_parent(&caller.agent.spiffe_id)
             .map_err(store_status)?;
-        let allowed =
-            match authz::authorize_jwt(&entries, &id, &req.audience, caller.agent.assurance) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.audit_denied(ev, e.to_string());
-                    return Err(e.into());
-                }
-            };
+        let allowed = match authz::authorize_jwt(
+            &entries,
+            &id,
+            &req.audience,
+            caller.agent.assurance,
+            now_unix(),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                self.audit_denied(ev, e.to_string());
+                return Err(e.into());
+            }
+        };
         // Act.
         let now = now_unix();
         let signer = self.state.jwt.active();
