@@ -100,33 +100,17 @@ pub enum TokenCommand {
 pub enum EntryCommand {
     /// Create a registration entry.
     Create {
-        /// The workload's SPIFFE ID.
-        #[arg(long, value_name = "ID")]
-        spiffe_id: String,
-        /// The agent that serves it (spiffe://<td>/agent/…).
-        #[arg(long, value_name = "AGENT_ID")]
-        parent_id: String,
-        /// Workload selector `type:value`, e.g. unix:uid:1000; repeat; all must match.
-        #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
-        selectors: Vec<String>,
-        /// Audience (tool) a JWT-SVID may be minted for; repeat. None: no JWTs.
-        #[arg(long = "audience", value_name = "AUD")]
-        audiences: Vec<String>,
-        /// X.509-SVID lifetime, e.g. 1h (default: the server's).
-        #[arg(long, value_name = "DURATION")]
-        x509_ttl: Option<String>,
-        /// JWT-SVID lifetime, e.g. 15m (default: the server's, max 24h).
-        #[arg(long, value_name = "DURATION")]
-        jwt_ttl: Option<String>,
-        /// DNS SAN for the X.509-SVID; repeat.
-        #[arg(long = "dns-name", value_name = "NAME")]
-        dns_names: Vec<String>,
-        /// Minimum node assurance level: al1, al2 or al3.
-        #[arg(long, value_name = "LEVEL")]
-        min_assurance: Option<String>,
-        /// Allow an entry whose only selector is unix:uid:0.
-        #[arg(long)]
-        allow_root: bool,
+        #[command(flatten)]
+        spec: Box<EntrySpec>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Replace an entry's fields (all of them, validated like create).
+    Update {
+        /// Entry ID.
+        id: String,
+        #[command(flatten)]
+        spec: Box<EntrySpec>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -149,6 +133,68 @@ pub enum EntryCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+}
+
+/// The fields of an entry, for create and update.
+#[derive(Debug, Clone, Args)]
+pub struct EntrySpec {
+    /// The workload's SPIFFE ID.
+    #[arg(long, value_name = "ID")]
+    spiffe_id: String,
+    /// The agent that serves it (spiffe://<td>/agent/…).
+    #[arg(long, value_name = "AGENT_ID")]
+    parent_id: String,
+    /// Workload selector `type:value`, e.g. unix:uid:1000; repeat; all must match.
+    #[arg(long = "selector", value_name = "TYPE:VALUE", required = true)]
+    selectors: Vec<String>,
+    /// Audience (tool) a JWT-SVID may be minted for; repeat. None: no JWTs.
+    #[arg(long = "audience", value_name = "AUD")]
+    audiences: Vec<String>,
+    /// X.509-SVID lifetime, e.g. 1h (default: the server's).
+    #[arg(long, value_name = "DURATION")]
+    x509_ttl: Option<String>,
+    /// JWT-SVID lifetime, e.g. 15m (default: the server's, max 24h).
+    #[arg(long, value_name = "DURATION")]
+    jwt_ttl: Option<String>,
+    /// DNS SAN for the X.509-SVID; repeat.
+    #[arg(long = "dns-name", value_name = "NAME")]
+    dns_names: Vec<String>,
+    /// Minimum node assurance level: al1, al2 or al3.
+    #[arg(long, value_name = "LEVEL")]
+    min_assurance: Option<String>,
+    /// Allow an entry whose only selector is unix:uid:0.
+    #[arg(long)]
+    allow_root: bool,
+    /// The entry stops yielding SVIDs this long from now, e.g. 30d.
+    #[arg(long, value_name = "DURATION")]
+    expires_in: Option<String>,
+}
+
+impl EntrySpec {
+    fn into_request(self) -> Result<pb::CreateEntryRequest> {
+        let ttl = |s: Option<String>| s.map(|s| parse_duration(&s)).transpose();
+        Ok(pb::CreateEntryRequest {
+            spiffe_id: self.spiffe_id,
+            parent_id: self.parent_id,
+            selectors: self.selectors,
+            audiences: self.audiences,
+            x509_ttl_seconds: ttl(self.x509_ttl)?.unwrap_or(0),
+            jwt_ttl_seconds: ttl(self.jwt_ttl)?.unwrap_or(0),
+            dns_names: self.dns_names,
+            min_assurance: self.min_assurance.unwrap_or_default(),
+            allow_root: self.allow_root,
+            expires_at: match ttl(self.expires_in)? {
+                Some(d) => {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .context("system clock before 1970")?
+                        .as_secs() as i64
+                        + d
+                }
+                None => 0,
+            },
+        })
+    }
 }
 
 /// `sigil agent …`
@@ -258,6 +304,7 @@ fn entry_json(e: &pb::Entry) -> Value {
         "min_assurance": if e.min_assurance.is_empty() { Value::Null } else { e.min_assurance.clone().into() },
         "revision": e.revision,
         "created_at": e.created_at,
+        "expires_at": if e.expires_at == 0 { Value::Null } else { e.expires_at.into() },
     })
 }
 
@@ -370,30 +417,19 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 },
             );
         }
-        Command::Entry(EntryCommand::Create {
-            spiffe_id,
-            parent_id,
-            selectors,
-            audiences,
-            x509_ttl,
-            jwt_ttl,
-            dns_names,
-            min_assurance,
-            allow_root,
-            out,
-        }) => {
-            let ttl = |s: Option<String>| s.map(|s| parse_duration(&s)).transpose();
+        Command::Entry(EntryCommand::Create { spec, out }) => {
             let e = c
-                .create_entry(pb::CreateEntryRequest {
-                    spiffe_id,
-                    parent_id,
-                    selectors,
-                    audiences,
-                    x509_ttl_seconds: ttl(x509_ttl)?.unwrap_or(0),
-                    jwt_ttl_seconds: ttl(jwt_ttl)?.unwrap_or(0),
-                    dns_names,
-                    min_assurance: min_assurance.unwrap_or_default(),
-                    allow_root,
+                .create_entry((*spec).into_request()?)
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, entry_json(&e), || entry_text(&e));
+        }
+        Command::Entry(EntryCommand::Update { id, spec, out }) => {
+            let e = c
+                .update_entry(pb::UpdateEntryRequest {
+                    id,
+                    entry: Some((*spec).into_request()?),
                 })
                 .await
                 .map_err(status)?

@@ -1,5 +1,5 @@
 //! `sigil`: the command-line tool for Sigil — validate SVIDs, fetch them from
-//! the Workload API, and (with a server) administer registrations.
+//! the Workload API, and administer a server over its admin socket.
 //!
 //! Exit codes: 0 success, 1 the operation failed (one line on stderr names
 //! the reason), 2 usage error.

@@ -120,6 +120,8 @@ fn token_entry_agent_and_bundle_commands() {
             "1h",
             "--jwt-ttl",
             "15m",
+            "--expires-in",
+            "30d",
             "--output",
             "json",
         ])
@@ -131,7 +133,51 @@ fn token_entry_agent_and_bundle_commands() {
     assert_eq!(e["audiences"], serde_json::json!(["ehr-fhir", "calendar"]));
     assert_eq!(e["jwt_ttl_seconds"], 900);
     assert_eq!(e["x509_ttl_seconds"], 3600);
+    let expires = e["expires_at"].as_i64().unwrap();
+    let created = e["created_at"].as_i64().unwrap();
+    assert!((expires - created - 30 * 86400).abs() < 60);
 
+    // The same entry again is refused.
+    let dup = Command::new(env!("CARGO_BIN_EXE_sigil"))
+        .env("SIGIL_ADMIN_SOCKET", s)
+        .args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/ai/scheduler",
+            "--parent-id",
+            agent_id,
+            "--selector",
+            "unix:uid:1000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("AlreadyExists"));
+
+    // entry update replaces the fields, keeps the ID, bumps the revision.
+    let up = json_ok(sigil(
+        s,
+        &[
+            "entry",
+            "update",
+            &id,
+            "--spiffe-id",
+            "spiffe://example.org/ai/scheduler",
+            "--parent-id",
+            agent_id,
+            "--selector",
+            "unix:uid:1001",
+            "--audience",
+            "calendar",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(up["id"], id.as_str());
+    assert_eq!(up["audiences"], serde_json::json!(["calendar"]));
+    assert_eq!(up["selectors"], serde_json::json!(["unix:uid:1001"]));
+    assert!(up["revision"].as_u64().unwrap() > e["revision"].as_u64().unwrap());
     let list = json_ok(sigil(s, &["entry", "list", "--output", "json"]));
     assert_eq!(list.as_array().unwrap().len(), 1);
     let shown = json_ok(sigil(s, &["entry", "show", &id, "--output", "json"]));

@@ -98,7 +98,7 @@ impl AuditSink for FileAuditSink {
             .file
             .lock()
             .map_err(|_| AuditError("poisoned".into()))?;
-        f.write_all(&line).map_err(|e| AuditError(e.to_string()))
+        crate::store::blocking(|| f.write_all(&line)).map_err(|e| AuditError(e.to_string()))
     }
 }
 

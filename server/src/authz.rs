@@ -47,9 +47,15 @@ pub enum AuthzError {
     /// The entry belongs to another agent.
     #[error("entry belongs to another agent")]
     NotParent,
+    /// The entry's expiry has passed.
+    #[error("registration entry has expired")]
+    EntryExpired,
 }
 
-fn assurance_ok(e: &Entry, have: AssuranceLevel) -> Result<(), AuthzError> {
+fn assurance_ok(e: &Entry, have: AssuranceLevel, now: i64) -> Result<(), AuthzError> {
+    if e.expires_at.is_some_and(|t| now >= t) {
+        return Err(AuthzError::EntryExpired);
+    }
     match e.min_assurance {
         Some(need) if have < need => Err(AuthzError::AssuranceTooLow { have, need }),
         _ => Ok(()),
@@ -57,12 +63,14 @@ fn assurance_ok(e: &Entry, have: AssuranceLevel) -> Result<(), AuthzError> {
 }
 
 /// Picks the entry among `agent_entries` (the calling agent's) that allows
-/// a JWT-SVID for `id` and `audience`.
+/// a JWT-SVID for `id` and `audience` at time `now` (entry not expired,
+/// assurance sufficient).
 pub fn authorize_jwt(
     agent_entries: &[Entry],
     id: &SpiffeId,
     audience: &str,
     have: AssuranceLevel,
+    now: i64,
 ) -> Result<AudienceAllowed, AuthzError> {
     let mut candidates = agent_entries
         .iter()
@@ -76,7 +84,7 @@ pub fn authorize_jwt(
         if !e.audiences.iter().any(|a| a == audience) {
             continue;
         }
-        match assurance_ok(e, have) {
+        match assurance_ok(e, have, now) {
             Ok(()) => return Ok(AudienceAllowed { entry: e.clone() }),
             Err(e) => err = e,
         }
@@ -89,11 +97,12 @@ pub fn authorize_x509(
     entry: &Entry,
     agent: &SpiffeId,
     have: AssuranceLevel,
+    now: i64,
 ) -> Result<X509Allowed, AuthzError> {
     if &entry.parent_id != agent {
         return Err(AuthzError::NotParent);
     }
-    assurance_ok(entry, have)?;
+    assurance_ok(entry, have, now)?;
     Ok(X509Allowed(()))
 }
 
@@ -116,6 +125,7 @@ mod tests {
             jwt_ttl: 60,
             dns_names: vec![],
             min_assurance: min,
+            expires_at: None,
             revision: 1,
             created_at: 0,
         }
@@ -126,8 +136,8 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/w").unwrap();
         let es = [entry("spiffe://td/w", &["ehr-fhir", "calendar"], None)];
         let l = AssuranceLevel::Al1;
-        assert!(authorize_jwt(&es, &id, "ehr-fhir", l).is_ok());
-        assert!(authorize_jwt(&es, &id, "calendar", l).is_ok());
+        assert!(authorize_jwt(&es, &id, "ehr-fhir", l, 0).is_ok());
+        assert!(authorize_jwt(&es, &id, "calendar", l, 0).is_ok());
         for bad in [
             "",
             "ehr",
@@ -138,20 +148,40 @@ mod tests {
             "payments",
         ] {
             assert_eq!(
-                authorize_jwt(&es, &id, bad, l).unwrap_err(),
+                authorize_jwt(&es, &id, bad, l, 0).unwrap_err(),
                 AuthzError::AudienceNotAllowed,
                 "{bad:?}"
             );
         }
         let other = SpiffeId::parse("spiffe://td/x").unwrap();
         assert_eq!(
-            authorize_jwt(&es, &other, "ehr-fhir", l).unwrap_err(),
+            authorize_jwt(&es, &other, "ehr-fhir", l, 0).unwrap_err(),
             AuthzError::NoEntry
         );
         let none = [entry("spiffe://td/w", &[], None)];
         assert_eq!(
-            authorize_jwt(&none, &id, "ehr-fhir", l).unwrap_err(),
+            authorize_jwt(&none, &id, "ehr-fhir", l, 0).unwrap_err(),
             AuthzError::AudienceNotAllowed
+        );
+    }
+
+    #[test]
+    fn expired_entries_allow_nothing() {
+        let id = SpiffeId::parse("spiffe://td/w").unwrap();
+        let mut e = entry("spiffe://td/w", &["a"], None);
+        e.expires_at = Some(100);
+        let es = [e];
+        let l = AssuranceLevel::Al1;
+        assert!(authorize_jwt(&es, &id, "a", l, 99).is_ok());
+        assert_eq!(
+            authorize_jwt(&es, &id, "a", l, 100).unwrap_err(),
+            AuthzError::EntryExpired
+        );
+        let agent = SpiffeId::parse("spiffe://td/agent/join/a").unwrap();
+        assert!(authorize_x509(&es[0], &agent, l, 99).is_ok());
+        assert_eq!(
+            authorize_x509(&es[0], &agent, l, 100).unwrap_err(),
+            AuthzError::EntryExpired
         );
     }
 
@@ -160,19 +190,19 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/w").unwrap();
         let es = [entry("spiffe://td/w", &["a"], Some(AssuranceLevel::Al2))];
         assert_eq!(
-            authorize_jwt(&es, &id, "a", AssuranceLevel::Al1).unwrap_err(),
+            authorize_jwt(&es, &id, "a", AssuranceLevel::Al1, 0).unwrap_err(),
             AuthzError::AssuranceTooLow {
                 have: AssuranceLevel::Al1,
                 need: AssuranceLevel::Al2
             }
         );
-        assert!(authorize_jwt(&es, &id, "a", AssuranceLevel::Al3).is_ok());
+        assert!(authorize_jwt(&es, &id, "a", AssuranceLevel::Al3, 0).is_ok());
         let agent = SpiffeId::parse("spiffe://td/agent/join/a").unwrap();
-        assert!(authorize_x509(&es[0], &agent, AssuranceLevel::Al1).is_err());
-        assert!(authorize_x509(&es[0], &agent, AssuranceLevel::Al2).is_ok());
+        assert!(authorize_x509(&es[0], &agent, AssuranceLevel::Al1, 0).is_err());
+        assert!(authorize_x509(&es[0], &agent, AssuranceLevel::Al2, 0).is_ok());
         let other = SpiffeId::parse("spiffe://td/agent/join/b").unwrap();
         assert_eq!(
-            authorize_x509(&es[0], &other, AssuranceLevel::Al2).unwrap_err(),
+            authorize_x509(&es[0], &other, AssuranceLevel::Al2, 0).unwrap_err(),
             AuthzError::NotParent
         );
     }

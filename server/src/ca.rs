@@ -69,6 +69,9 @@ pub enum CaError {
     /// The requested key is not an ECDSA P-256 SubjectPublicKeyInfo.
     #[error("public key is not a DER ECDSA P-256 SubjectPublicKeyInfo")]
     BadPublicKey,
+    /// The CSR does not parse or its signature does not verify.
+    #[error("CSR does not parse or its signature does not verify")]
+    BadCsr,
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Cert(String),
@@ -130,6 +133,20 @@ pub fn parse_p256_spki(spki_der: &[u8]) -> Result<SubjectPublicKeyInfo, CaError>
         return Err(CaError::BadPublicKey);
     }
     Ok(spki)
+}
+
+/// The SubjectPublicKeyInfo of a PKCS#10 CSR whose self-signature
+/// verifies. Nothing else of the CSR is used.
+pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, CaError> {
+    use x509_parser::prelude::FromDer;
+    let (rest, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|_| CaError::BadCsr)?;
+    if !rest.is_empty() {
+        return Err(CaError::BadCsr);
+    }
+    csr.verify_signature().map_err(|_| CaError::BadCsr)?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
 fn not_after_of(der: &[u8]) -> Result<i64, CaError> {
@@ -286,6 +303,9 @@ pub struct JwtKeys {
     store: std::sync::Arc<dyn Store>,
     policy: JwtKeyPolicy,
     inner: RwLock<KeySet>,
+    /// The bundle's sequence number: persisted, bumped on every change of
+    /// the published key set, so it only grows.
+    sequence: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -329,10 +349,15 @@ impl JwtKeys {
             all.push(k);
         }
         let active = Self::pick_active(&all)?;
+        let mut seq = store.bundle_sequence()?;
+        if seq == 0 {
+            seq = store.bump_bundle_sequence()?;
+        }
         let keys = Self {
             store,
             policy,
             inner: RwLock::new(KeySet { all, active }),
+            sequence: std::sync::atomic::AtomicU64::new(seq),
         };
         keys.rotate(now)?;
         Ok(keys)
@@ -353,6 +378,18 @@ impl JwtKeys {
             Ok(g) => g.active.clone(),
             Err(p) => p.into_inner().active.clone(),
         }
+    }
+
+    /// The bundle sequence number.
+    pub fn sequence(&self) -> u64 {
+        self.sequence.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn bump(&self) -> Result<(), CaError> {
+        let n = self.store.bump_bundle_sequence()?;
+        self.sequence
+            .fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Keys to publish: prepared, active and retired-but-not-yet-dropped.
@@ -410,6 +447,9 @@ impl JwtKeys {
             self.store.delete_jwt_key(&kid)?;
         }
         changed |= g.all.len() != before;
+        if changed {
+            self.bump()?;
+        }
         Ok(changed)
     }
 
@@ -425,6 +465,7 @@ impl JwtKeys {
         let k = new_key(JwtKeyState::Prepared, now, self.policy.key_ttl)?;
         self.store.put_jwt_key(&k)?;
         g.all.push(k.clone());
+        self.bump()?;
         Ok(k)
     }
 
@@ -437,6 +478,7 @@ impl JwtKeys {
         if !self.activate_locked(&mut g, now)? {
             return Err(CaError::NoPreparedKey);
         }
+        self.bump()?;
         let kid = g.active.0.kid().to_owned();
         g.all
             .iter()
@@ -458,7 +500,9 @@ impl JwtKeys {
             return Err(CaError::KeyIsActive);
         }
         self.store.delete_jwt_key(kid)?;
-        Ok(g.all.remove(pos))
+        let k = g.all.remove(pos);
+        self.bump()?;
+        Ok(k)
     }
 
     /// Forces a rotation now: prepares a key if there is none, activates it
@@ -474,7 +518,7 @@ impl JwtKeys {
             g.all.push(k);
         }
         self.activate_locked(&mut g, now)?;
-        Ok(())
+        self.bump()
     }
 
     fn activate_locked(&self, g: &mut KeySet, now: i64) -> Result<bool, CaError> {
@@ -611,6 +655,22 @@ mod tests {
     }
 
     #[test]
+    fn csr_gives_only_its_key() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params =
+            CertificateParams::new(vec!["spiffe://example.org/evil".to_owned()]).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        let csr = params.serialize_request(&key).unwrap();
+        let spki = csr_public_key(csr.der()).unwrap();
+        assert_eq!(spki, rcgen::PublicKeyData::subject_public_key_info(&key));
+        let mut tampered = csr.der().to_vec();
+        let n = tampered.len();
+        tampered[n - 5] ^= 1;
+        assert!(matches!(csr_public_key(&tampered), Err(CaError::BadCsr)));
+        assert!(matches!(csr_public_key(b"junk"), Err(CaError::BadCsr)));
+    }
+
+    #[test]
     fn leaf_never_outlives_ca_and_rejects_other_keys() {
         let now = now_unix();
         let (ca, _) = Ca::generate(&td(), 600, now).unwrap();
@@ -716,10 +776,16 @@ mod tests {
         assert_eq!(a.kid, p.kid);
         assert_eq!(a.state, JwtKeyState::Active);
         assert_eq!(keys.active().0.kid(), p.kid);
+        let before_revoke = keys.sequence();
         let r = keys.revoke(&k1).unwrap();
         assert_eq!(r.state, JwtKeyState::Retired);
+        assert!(keys.sequence() > before_revoke, "sequence only grows");
         assert!(matches!(keys.revoke(&k1), Err(CaError::UnknownKey(_))));
         assert_eq!(store.jwt_keys().unwrap().len(), 1);
+        let seq = keys.sequence();
+        drop(keys);
+        let again = JwtKeys::load(store, JwtKeyPolicy::default(), false, now).unwrap();
+        assert_eq!(again.sequence(), seq, "persisted");
     }
 
     #[test]

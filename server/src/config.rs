@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Admin API Unix socket (mode 0600). Default <data-dir>/admin.sock.
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
+    /// Plain-HTTP endpoint for the bundle, JWKS, OIDC discovery, /live,
+    /// /ready and /metrics. Default: off.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<SocketAddr>,
     /// Audit log file (JSON lines). Default <data-dir>/audit.log.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -58,6 +62,7 @@ struct FileConfig {
     trust_domain: Option<String>,
     listen: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
+    http_listen: Option<SocketAddr>,
     audit_log: Option<PathBuf>,
     #[serde(default)]
     server_dns_names: Vec<String>,
@@ -89,6 +94,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin socket path.
     pub admin_socket: PathBuf,
+    /// HTTP endpoint address, if enabled.
+    pub http_listen: Option<SocketAddr>,
     /// Audit log path.
     pub audit_log: PathBuf,
     /// Extra server DNS names.
@@ -176,6 +183,7 @@ impl Config {
                 .clone()
                 .or(file.admin_socket)
                 .unwrap_or_else(|| data_dir.join("admin.sock")),
+            http_listen: args.http_listen.or(file.http_listen),
             audit_log: args
                 .audit_log
                 .clone()
@@ -220,6 +228,25 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates the data dir with mode 0700, or tightens an existing one to
+/// 0700: the database inside holds the CA and JWT private keys, and sled
+/// creates its files with the process umask. Returns true when it had to
+/// tighten the mode.
+pub fn secure_data_dir(dir: &Path) -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    ensure_private_dir(dir)?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("stat {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 == 0 {
+        return Ok(false);
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +283,19 @@ mod tests {
         assert_eq!(c.admin_socket, PathBuf::from("/tmp/x/admin.sock"));
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&args).is_err());
+    }
+
+    #[test]
+    fn data_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("new");
+        assert!(!secure_data_dir(&fresh).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&fresh), 0o700);
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(secure_data_dir(&fresh).unwrap());
+        assert_eq!(mode(&fresh), 0o700);
     }
 
     #[test]

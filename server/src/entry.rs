@@ -6,6 +6,7 @@
 //!   and `/sigil/` trees (so no workload can be named like an agent or the
 //!   server);
 //! - at least one selector, each `type:value` with non-empty parts;
+//!   `unix:uid:N` / `unix:gid:N` with a canonical decimal N;
 //! - selectors that do not separate processes of one uid (`unix:path`,
 //!   `unix:sha256`: a process can connect and then exec) cannot be the only
 //!   ones;
@@ -13,6 +14,7 @@
 //!   explicit `allow_root`;
 //! - audiences are non-empty printable strings without whitespace, at most
 //!   [`MAX_AUDIENCE_LEN`] bytes; duplicates are removed;
+//! - an expiry, if any, in the future;
 //! - TTLs within [`MIN_TTL_SECS`] and the policy maxima; DNS names are
 //!   syntactically valid host names.
 
@@ -45,6 +47,8 @@ pub struct EntryRequest {
     pub min_assurance: String,
     /// Allow an entry that matches only uid 0.
     pub allow_root: bool,
+    /// Unix seconds after which the entry yields nothing; 0 = never.
+    pub expires_at: i64,
 }
 
 /// TTL policy for entries.
@@ -122,6 +126,9 @@ pub enum EntryError {
     /// A malformed DNS name.
     #[error("dns name {0:?} is not a valid host name")]
     BadDnsName(String),
+    /// An expiry that is not in the future.
+    #[error("expiry {0} is not in the future")]
+    ExpiryInPast(i64),
     /// An unknown assurance level.
     #[error("unknown assurance level {0:?}")]
     BadAssurance(String),
@@ -142,10 +149,24 @@ fn parse_selector(s: &str) -> Result<Selector, EntryError> {
     {
         return Err(bad());
     }
+    // Numeric unix selectors must be canonical: `uid:00` would otherwise
+    // dodge the uid-0 rule and never match what the agent reports.
+    if kind == "unix"
+        && let Some(n) = value
+            .strip_prefix("uid:")
+            .or_else(|| value.strip_prefix("gid:"))
+        && !is_canonical_u32(n)
+    {
+        return Err(bad());
+    }
     Ok(Selector {
         kind: kind.to_owned(),
         value: value.to_owned(),
     })
+}
+
+fn is_canonical_u32(s: &str) -> bool {
+    s.parse::<u32>().is_ok_and(|n| n.to_string() == s)
 }
 
 fn is_weak(s: &Selector) -> bool {
@@ -255,7 +276,13 @@ pub fn validate(
                 .map_err(|_| EntryError::BadAssurance(req.min_assurance.clone()))?,
         )
     };
+    let expires_at = match req.expires_at {
+        0 => None,
+        t if t <= now => return Err(EntryError::ExpiryInPast(t)),
+        t => Some(t),
+    };
     Ok(Entry {
+        expires_at,
         id: hex(&random_bytes::<16>().map_err(|_| EntryError::Rng)?),
         spiffe_id,
         parent_id,
@@ -342,6 +369,26 @@ mod tests {
                 None,
             ),
             (
+                "uid with leading zero",
+                |r| r.selectors = vec!["unix:uid:00".into()],
+                Some(EntryError::BadSelector("unix:uid:00".into())),
+            ),
+            (
+                "uid not a number",
+                |r| r.selectors = vec!["unix:uid:bob".into()],
+                Some(EntryError::BadSelector("unix:uid:bob".into())),
+            ),
+            (
+                "gid ok",
+                |r| r.selectors = vec!["unix:gid:100".into()],
+                None,
+            ),
+            (
+                "other kinds are free-form",
+                |r| r.selectors = vec!["systemd:unit:ehr.service".into()],
+                None,
+            ),
+            (
                 "no selectors",
                 |r| r.selectors.clear(),
                 Some(EntryError::NoSelectors),
@@ -417,6 +464,12 @@ mod tests {
                 None,
             ),
             ("assurance", |r| r.min_assurance = "al2".into(), None),
+            (
+                "expiry in the past",
+                |r| r.expires_at = -5,
+                Some(EntryError::ExpiryInPast(-5)),
+            ),
+            ("expiry ahead", |r| r.expires_at = 10, None),
             (
                 "bad assurance",
                 |r| r.min_assurance = "gold".into(),

@@ -13,6 +13,7 @@
 pub mod api {
     //! Thin gRPC handlers: validate → authenticate → authorize → act → audit.
     pub mod admin;
+    pub mod http;
     pub mod node;
 }
 pub mod audit;

@@ -44,6 +44,9 @@ pub struct Entry {
     /// Minimum node assurance level, as its `acr` value.
     #[serde(with = "opt_assurance")]
     pub min_assurance: Option<AssuranceLevel>,
+    /// After this (Unix seconds) the entry yields no SVIDs. None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
     /// Store revision of the last change to this entry.
     pub revision: u64,
     /// Creation time, Unix seconds.

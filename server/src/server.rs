@@ -5,7 +5,7 @@ use crate::api::admin::AdminApi;
 use crate::api::node::NodeApi;
 use crate::audit::FileAuditSink;
 use crate::ca::{self, JwtKeyPolicy};
-use crate::config::{Config, ensure_private_dir};
+use crate::config::{Config, ensure_private_dir, secure_data_dir};
 use crate::entry::TtlPolicy;
 use crate::model::now_unix;
 use crate::state::ServerState;
@@ -24,7 +24,12 @@ const SERVER_CERT_TTL: i64 = 24 * 3600;
 /// Opens the store and keys. Fails (and never creates a new CA) when the
 /// data dir holds state whose CA key is missing.
 pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
-    ensure_private_dir(&cfg.data_dir)?;
+    if secure_data_dir(&cfg.data_dir)? {
+        tracing::warn!(
+            data_dir = %cfg.data_dir.display(),
+            "data dir was readable by other users; its mode is now 0700"
+        );
+    }
     let store: Arc<dyn Store> = Arc::new(
         SledStore::open(&cfg.db_dir())
             .with_context(|| format!("opening the database in {}", cfg.db_dir().display()))?,
@@ -49,6 +54,7 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         },
         agent_svid_ttl: cfg.agent_svid_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
+        metrics: Default::default(),
     }))
 }
 
@@ -76,6 +82,11 @@ fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Whether a peer with `uid` may use the admin socket owned by `owner`.
+pub fn admin_peer_allowed(uid: Option<u32>, owner: u32) -> bool {
+    matches!(uid, Some(u) if u == owner || u == 0)
+}
+
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(cfg: Config) -> Result<()> {
     let state = build_state(&cfg)?;
@@ -96,6 +107,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         .await
         .with_context(|| format!("binding node API on {}", cfg.listen))?;
     let admin = bind_admin_socket(&cfg.admin_socket)?;
+    if let Some(addr) = cfg.http_listen {
+        let http = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding HTTP endpoint on {addr}"))?;
+        tracing::info!(listen = %http.local_addr()?, "HTTP endpoint (bundle, OIDC, health, metrics)");
+        tokio::spawn(crate::api::http::serve(http, state.clone()));
+    }
     tracing::info!(
         trust_domain = %cfg.trust_domain,
         listen = %tcp.local_addr()?,
@@ -161,12 +179,41 @@ pub async fn run(cfg: Config) -> Result<()> {
             });
         }
     });
+    // grpc.health.v1 on the node port (no client certificate needed).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NodeServer<NodeApi>>().await;
     let node = tonic::transport::Server::builder()
+        .add_service(health_service)
         .add_service(NodeServer::new(NodeApi::new(state.clone())))
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(rx));
+    // Defence in depth behind the socket's 0600 mode: only the server's own
+    // uid (the socket's owner) and root may talk to the admin API.
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&cfg.admin_socket)
+            .with_context(|| format!("stat {}", cfg.admin_socket.display()))?
+            .uid()
+    };
+    let admin_incoming = {
+        use tokio_stream::StreamExt;
+        tokio_stream::wrappers::UnixListenerStream::new(admin).filter(move |conn| match conn {
+            Ok(s) => {
+                let uid = s.peer_cred().ok().map(|c| c.uid());
+                let ok = admin_peer_allowed(uid, owner);
+                if !ok {
+                    tracing::warn!(
+                        ?uid,
+                        "admin connection refused: not the server's user or root"
+                    );
+                }
+                ok
+            }
+            Err(_) => true,
+        })
+    };
     let admin = tonic::transport::Server::builder()
         .add_service(AdminServer::new(AdminApi::new(state.clone())))
-        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(admin));
+        .serve_with_incoming(admin_incoming);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
@@ -178,4 +225,17 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("sigil-server stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_peers_are_the_owner_or_root() {
+        assert!(admin_peer_allowed(Some(1000), 1000));
+        assert!(admin_peer_allowed(Some(0), 1000));
+        assert!(!admin_peer_allowed(Some(1001), 1000));
+        assert!(!admin_peer_allowed(None, 1000));
+    }
 }

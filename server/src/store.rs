@@ -86,6 +86,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Marks the store as initialized for `td`.
     fn set_trust_domain(&self, td: &str) -> Result<(), StoreError>;
 
+    /// The trust bundle's sequence number (0 before the first bump).
+    fn bundle_sequence(&self) -> Result<u64, StoreError>;
+    /// Increments the bundle sequence number and returns the new value.
+    fn bump_bundle_sequence(&self) -> Result<u64, StoreError>;
+
     /// The X.509 CA, if any.
     fn ca(&self) -> Result<Option<StoredCa>, StoreError>;
     /// Stores the CA; refuses to replace an existing one.
@@ -108,6 +113,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Creates an entry, assigning its revision.
     fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Replaces an entry (same ID), assigning a new revision. When the
+    /// parent changes, the old parent's agent sees a deletion.
+    fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
     /// Deletes an entry.
     fn delete_entry(&self, id: &str) -> Result<Entry, StoreError>;
     /// One entry.
@@ -137,6 +145,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 const META_TRUST_DOMAIN: &[u8] = b"trust_domain";
 const META_REVISION: &[u8] = b"revision";
 const KEY_CA: &[u8] = b"ca";
+const META_BUNDLE_SEQUENCE: &[u8] = b"bundle_sequence";
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
@@ -164,6 +173,19 @@ pub struct SledStore {
     by_parent: sled::Tree,
     changes: sled::Tree,
     agents: sled::Tree,
+}
+
+/// Runs `f`, which may block on disk I/O (an fsync), without stalling the
+/// async runtime: on a multi-threaded tokio runtime through
+/// `block_in_place`, elsewhere (plain threads, a current-thread runtime)
+/// directly.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -222,7 +244,7 @@ impl SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        blocking(|| self.db.flush())?;
         Ok(())
     }
 }
@@ -243,6 +265,19 @@ impl Store for SledStore {
     fn set_trust_domain(&self, td: &str) -> Result<(), StoreError> {
         self.meta.insert(META_TRUST_DOMAIN, td.as_bytes())?;
         self.flush()
+    }
+
+    fn bundle_sequence(&self) -> Result<u64, StoreError> {
+        Ok(decode_rev(self.meta.get(META_BUNDLE_SEQUENCE)?))
+    }
+
+    fn bump_bundle_sequence(&self) -> Result<u64, StoreError> {
+        let new = self.meta.update_and_fetch(META_BUNDLE_SEQUENCE, |old| {
+            let n = decode_rev(old.map(sled::IVec::from)) + 1;
+            Some(n.to_be_bytes().to_vec())
+        })?;
+        self.flush()?;
+        Ok(decode_rev(new))
     }
 
     fn ca(&self) -> Result<Option<StoredCa>, StoreError> {
@@ -365,6 +400,48 @@ impl Store for SledStore {
                 meta.insert(META_REVISION, &rev.to_be_bytes())?;
                 entries.insert(e.id.as_bytes(), ev)?;
                 by_parent.insert(idx.clone(), &[])?;
+                changes.insert(&rev.to_be_bytes(), cv)?;
+                Ok(e)
+            })
+            .map_err(tx_err)?;
+        self.flush()?;
+        Ok(out)
+    }
+
+    fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
+        let out = (&self.meta, &self.entries, &self.by_parent, &self.changes)
+            .transaction(|(meta, entries, by_parent, changes)| {
+                let Some(old) = entries.get(entry.id.as_bytes())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound));
+                };
+                let old: Entry =
+                    dec("entries", &old).map_err(ConflictableTransactionError::Abort)?;
+                let mut rev = decode_rev(meta.get(META_REVISION)?);
+                if old.parent_id != entry.parent_id {
+                    rev += 1;
+                    let gone = ChangeRecord {
+                        entry_id: old.id.clone(),
+                        parent_id: old.parent_id.to_string(),
+                        deleted: true,
+                    };
+                    let gv = enc(&gone).map_err(ConflictableTransactionError::Abort)?;
+                    changes.insert(&rev.to_be_bytes(), gv)?;
+                    by_parent.remove(parent_key(old.parent_id.as_str(), &old.id))?;
+                    by_parent.insert(parent_key(entry.parent_id.as_str(), &entry.id), &[])?;
+                }
+                rev += 1;
+                let mut e = entry.clone();
+                e.revision = rev;
+                e.created_at = old.created_at;
+                let change = ChangeRecord {
+                    entry_id: e.id.clone(),
+                    parent_id: e.parent_id.to_string(),
+                    deleted: false,
+                };
+                let ev = enc(&e).map_err(ConflictableTransactionError::Abort)?;
+                let cv = enc(&change).map_err(ConflictableTransactionError::Abort)?;
+                meta.insert(META_REVISION, &rev.to_be_bytes())?;
+                entries.insert(e.id.as_bytes(), ev)?;
                 changes.insert(&rev.to_be_bytes(), cv)?;
                 Ok(e)
             })
@@ -551,6 +628,7 @@ mod tests {
             jwt_ttl: 300,
             dns_names: vec![],
             min_assurance: None,
+            expires_at: None,
             revision: 0,
             created_at: 0,
         }
@@ -690,6 +768,34 @@ mod tests {
     }
 
     #[test]
+    fn entry_update_and_reparenting_reach_both_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let a1 = id("spiffe://td/agent/join/a1");
+        let a2 = id("spiffe://td/agent/join/a2");
+        let mut e = s.create_entry(entry("e1", a1.as_str())).unwrap();
+        e.audiences = vec!["b".into()];
+        let up = s.update_entry(e.clone()).unwrap();
+        assert_eq!(up.revision, 2);
+        let ch = s.entry_changes(&a1, 1).unwrap();
+        assert_eq!(ch.entries[0].audiences, ["b"]);
+        // Move it to a2: a1 sees a deletion, a2 the entry.
+        e.parent_id = a2.clone();
+        let moved = s.update_entry(e.clone()).unwrap();
+        assert_eq!(moved.revision, 4);
+        let ch1 = s.entry_changes(&a1, 2).unwrap();
+        assert_eq!(ch1.deleted, ["e1"]);
+        assert!(ch1.entries.is_empty());
+        let ch2 = s.entry_changes(&a2, 2).unwrap();
+        assert_eq!(ch2.entries.len(), 1);
+        assert!(s.entries_by_parent(&a1).unwrap().is_empty());
+        assert_eq!(s.entries_by_parent(&a2).unwrap().len(), 1);
+        let mut ghost = e.clone();
+        ghost.id = "nope".into();
+        assert!(matches!(s.update_entry(ghost), Err(StoreError::NotFound)));
+    }
+
+    #[test]
     fn agents_and_cas_update() {
         let dir = tempfile::tempdir().unwrap();
         let s = SledStore::open(dir.path()).unwrap();
@@ -718,6 +824,24 @@ mod tests {
             AgentStatus::Evicted
         );
         assert_eq!(s.agents().unwrap().len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_from_async_tasks_do_not_need_a_blocking_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SledStore::open(dir.path()).unwrap());
+        let tasks: Vec<_> = (0..8u8)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.put_join_token(&[i; 32], i64::MAX) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let on_current_thread =
+            tokio::task::spawn_blocking(move || s.spend_join_token(&[0; 32], 1).unwrap());
+        assert_eq!(on_current_thread.await.unwrap(), SpendOutcome::Spent);
     }
 
     #[test]

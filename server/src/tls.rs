@@ -136,8 +136,8 @@ fn issue_server_cert(
             now_unix(),
         )
         .map_err(|e| TlsError(e.to_string()))?;
-    let mut chain = issued.chain;
-    chain.push(ca.cert().clone());
+    // Leaf only: the root is what the peer trusts, not something to send.
+    let chain = issued.chain;
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()));
     let signer = rustls::crypto::aws_lc_rs::sign::any_ecdsa_type(&der)
         .map_err(|e| TlsError(e.to_string()))?;

@@ -96,10 +96,12 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
                 node::X509SvidRequest {
                     entry_id: e.id.clone(),
                     public_key: wkey.spki(),
+                    ..Default::default()
                 },
                 node::X509SvidRequest {
                     entry_id: "nope".into(),
                     public_key: wkey.spki(),
+                    ..Default::default()
                 },
             ],
         })
@@ -265,6 +267,21 @@ async fn calls_without_a_current_agent_svid_are_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    // grpc.health.v1 answers without a client certificate.
+    let ch = tls_channel(server.addr, &ca, None, Arc::default())
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "sigil.node.v1.Node".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     // A spent token cannot attest again; a bogus one never could.
     let mut admin = server.admin().await;
@@ -463,7 +480,25 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
         .unwrap()
         .into_inner();
 
+    // kill -9 in the middle of a mint loop.
+    let mut looper = agent.client(&server, &ca, Arc::default()).await;
+    let minting = tokio::spawn(async move {
+        let mut tokens = Vec::new();
+        while let Ok(r) = looper
+            .mint_jwt_svid(node::MintJwtSvidRequest {
+                spiffe_id: "spiffe://example.org/w".into(),
+                audience: "a".into(),
+            })
+            .await
+        {
+            tokens.push(r.into_inner().token);
+        }
+        tokens
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     server.kill();
+    let minted = minting.await.unwrap();
+    assert!(!minted.is_empty());
     server.spawn_and_wait();
 
     // Same CA, entry still there, spent token still spent, agent still works,
@@ -493,12 +528,17 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
         .jti()
         .unwrap()
         .to_owned();
-    assert!(
-        server
-            .audit_lines()
-            .iter()
-            .any(|l| l["jti"] == jti.as_str())
-    );
+    let lines = server.audit_lines();
+    assert!(lines.iter().any(|l| l["jti"] == jti.as_str()));
+    // Every token returned before the kill validates and has an audit line.
+    let logged: std::collections::HashSet<&str> =
+        lines.iter().filter_map(|l| l["jti"].as_str()).collect();
+    for t in &minted {
+        let v = JwtSvidValidator::new("a")
+            .validate(t, &bundles, SystemTime::now())
+            .unwrap();
+        assert!(logged.contains(v.jti().unwrap()), "unlogged jti");
+    }
 
     // Delete the CA key from the stopped server's database: it refuses to
     // start and says why, and does not make a new CA.
@@ -513,4 +553,35 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("CA key is missing"), "{stderr}");
     assert!(stderr.contains("refusing to start"), "{stderr}");
+}
+
+#[tokio::test]
+async fn http_endpoint_serves_bundle_keys_oidc_health_and_metrics() {
+    let server = Server::start();
+    let ca = ca_cert(&server).await;
+    // One attestation, so /metrics has something to count.
+    attest(&server, &ca).await;
+    let (st, body) = server.http_get("/bundle");
+    assert_eq!(st, 200);
+    let b = Bundle::from_spiffe_json(TrustDomain::new(TD).unwrap(), body.as_bytes()).unwrap();
+    assert_eq!(b.x509.authorities()[0], ca);
+    assert_eq!(b.jwt.keys().count(), 1);
+    let (st, body) = server.http_get("/keys");
+    assert_eq!(st, 200);
+    let jwks = sigil::JwtBundle::from_jwks(TrustDomain::new(TD).unwrap(), body.as_bytes()).unwrap();
+    assert_eq!(jwks.keys().count(), 1);
+    let (st, body) = server.http_get("/.well-known/openid-configuration");
+    assert_eq!(st, 200);
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["issuer"], "https://sigil.example.org");
+    assert_eq!(doc["jwks_uri"], "https://sigil.example.org/keys");
+    assert_eq!(server.http_get("/live").0, 200);
+    assert_eq!(server.http_get("/ready").0, 200);
+    assert_eq!(server.http_get("/nope").0, 404);
+    let (st, metrics) = server.http_get("/metrics");
+    assert_eq!(st, 200);
+    assert!(
+        metrics.contains("sigil_events_total{method=\"node.Attest\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
 }

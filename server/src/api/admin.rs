@@ -104,6 +104,22 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
             .unwrap_or_default(),
         revision: e.revision,
         created_at: e.created_at,
+        expires_at: e.expires_at.unwrap_or(0),
+    }
+}
+
+fn entry_request(r: pb::CreateEntryRequest) -> EntryRequest {
+    EntryRequest {
+        spiffe_id: r.spiffe_id,
+        parent_id: r.parent_id,
+        selectors: r.selectors,
+        audiences: r.audiences,
+        x509_ttl: r.x509_ttl_seconds,
+        jwt_ttl: r.jwt_ttl_seconds,
+        dns_names: r.dns_names,
+        min_assurance: r.min_assurance,
+        allow_root: r.allow_root,
+        expires_at: r.expires_at,
     }
 }
 
@@ -227,6 +243,34 @@ impl pb::admin_server::Admin for AdminApi {
         }))
     }
 
+    async fn update_entry(
+        &self,
+        req: Request<pb::UpdateEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
+        let mut ev = self.event(&req, "admin.UpdateEntry");
+        let r = req.into_inner();
+        let Some(body) = r.entry else {
+            return Err(Status::invalid_argument("entry is required"));
+        };
+        ev.spiffe_id = Some(body.spiffe_id.clone());
+        let mut e = match entry::validate(
+            &entry_request(body),
+            &self.state.td,
+            &self.state.ttl,
+            now_unix(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(e.into());
+            }
+        };
+        e.id = r.id;
+        let e = self.state.store.update_entry(e).map_err(store_status)?;
+        self.record(&ev)?;
+        Ok(Response::new(entry_to_pb(&e)))
+    }
+
     async fn create_entry(
         &self,
         req: Request<pb::CreateEntryRequest>,
@@ -234,17 +278,7 @@ impl pb::admin_server::Admin for AdminApi {
         let mut ev = self.event(&req, "admin.CreateEntry");
         let r = req.into_inner();
         ev.spiffe_id = Some(r.spiffe_id.clone());
-        let er = EntryRequest {
-            spiffe_id: r.spiffe_id,
-            parent_id: r.parent_id,
-            selectors: r.selectors,
-            audiences: r.audiences,
-            x509_ttl: r.x509_ttl_seconds,
-            jwt_ttl: r.jwt_ttl_seconds,
-            dns_names: r.dns_names,
-            min_assurance: r.min_assurance,
-            allow_root: r.allow_root,
-        };
+        let er = entry_request(r);
         let e = match entry::validate(&er, &self.state.td, &self.state.ttl, now_unix()) {
             Ok(e) => e,
             Err(e) => {
@@ -252,6 +286,21 @@ impl pb::admin_server::Admin for AdminApi {
                 return Err(e.into());
             }
         };
+        // One entry per (parent, SPIFFE ID, selectors): a duplicate would make
+        // deletes and audience changes ambiguous.
+        let siblings = self
+            .state
+            .store
+            .entries_by_parent(&e.parent_id)
+            .map_err(store_status)?;
+        if let Some(dup) = siblings
+            .iter()
+            .find(|o| o.spiffe_id == e.spiffe_id && o.selectors == e.selectors)
+        {
+            let msg = format!("an identical entry exists: {}", dup.id);
+            self.deny(ev, msg.clone());
+            return Err(Status::already_exists(msg));
+        }
         let e = self.state.store.create_entry(e).map_err(store_status)?;
         self.record(&ev)?;
         Ok(Response::new(entry_to_pb(&e)))

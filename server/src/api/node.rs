@@ -189,6 +189,7 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
             .map(|l| l.acr().to_owned())
             .unwrap_or_default(),
         revision: e.revision,
+        expires_at: e.expires_at.unwrap_or(0),
     }
 }
 
@@ -372,6 +373,11 @@ impl pb::node_server::Node for NodeApi {
             .store
             .entry_changes(&caller.agent.spiffe_id, since)
             .map_err(store_status)?;
+        // An authenticated read: audited, but nothing is issued, so a log
+        // failure does not refuse it.
+        let mut ev = caller.event("node.SyncEntries");
+        ev.outcome = "ok";
+        let _ = self.state.audit(&ev);
         Ok(Response::new(pb::SyncEntriesResponse {
             entries: ch.entries.iter().map(entry_to_pb).collect(),
             deleted_entry_ids: ch.deleted,
@@ -412,15 +418,28 @@ impl pb::node_server::Node for NodeApi {
             ev.spiffe_id = Some(entry.spiffe_id.to_string());
             out.spiffe_id = entry.spiffe_id.to_string();
             if let Err(e) =
-                authz::authorize_x509(&entry, &caller.agent.spiffe_id, caller.agent.assurance)
+                authz::authorize_x509(&entry, &caller.agent.spiffe_id, caller.agent.assurance, now)
             {
                 self.audit_denied(ev, e.to_string());
                 out.error = e.to_string();
                 results.push(out);
                 continue;
             }
+            let spki = if r.csr.is_empty() {
+                r.public_key.clone()
+            } else {
+                match crate::ca::csr_public_key(&r.csr) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        self.audit_denied(ev, e.to_string());
+                        out.error = e.to_string();
+                        results.push(out);
+                        continue;
+                    }
+                }
+            };
             match self.state.ca.issue(
-                &r.public_key,
+                &spki,
                 &entry.spiffe_id,
                 &entry.dns_names,
                 &[],
@@ -432,9 +451,8 @@ impl pb::node_server::Node for NodeApi {
                     ev.serial = Some(issued.serial.clone());
                     // No credential leaves unrecorded.
                     self.state.audit(&ev).map_err(|_| unavailable_audit())?;
-                    let mut chain: Vec<Vec<u8>> = issued.chain.iter().map(|c| c.to_vec()).collect();
-                    chain.push(self.state.ca.cert().to_vec());
-                    out.cert_chain = chain;
+                    // Leaf only: the root is in the bundle (X509-SVID §5.3).
+                    out.cert_chain = issued.chain.iter().map(|c| c.to_vec()).collect();
                     out.expires_at = issued.not_after;
                 }
                 Err(e) => {
@@ -478,14 +496,19 @@ impl pb::node_server::Node for NodeApi {
             .store
             .entries_by_parent(&caller.agent.spiffe_id)
             .map_err(store_status)?;
-        let allowed =
-            match authz::authorize_jwt(&entries, &id, &req.audience, caller.agent.assurance) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.audit_denied(ev, e.to_string());
-                    return Err(e.into());
-                }
-            };
+        let allowed = match authz::authorize_jwt(
+            &entries,
+            &id,
+            &req.audience,
+            caller.agent.assurance,
+            now_unix(),
+        ) {
+            Ok(a) => a,
+            Err(e) => {
+                self.audit_denied(ev, e.to_string());
+                return Err(e.into());
+            }
+        };
         // Act.
         let now = now_unix();
         let signer = self.state.jwt.active();
@@ -522,7 +545,10 @@ impl pb::node_server::Node for NodeApi {
         &self,
         req: Request<pb::FetchBundleRequest>,
     ) -> Result<Response<pb::FetchBundleResponse>, Status> {
-        self.authenticate(&req, "node.FetchBundle")?;
+        let caller = self.authenticate(&req, "node.FetchBundle")?;
+        let mut ev = caller.event("node.FetchBundle");
+        ev.outcome = "ok";
+        let _ = self.state.audit(&ev);
         let b = self.state.bundle();
         Ok(Response::new(pb::FetchBundleResponse {
             sequence: b.sequence.unwrap_or(0),
@@ -559,6 +585,10 @@ mod tests {
     }
 
     async fn fixture() -> Fixture {
+        fixture_with_agent_ttl(3600).await
+    }
+
+    async fn fixture_with_agent_ttl(agent_svid_ttl: i64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("example.org").unwrap();
         let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
@@ -571,8 +601,9 @@ mod tests {
             jwt,
             audit: audit.clone(),
             ttl: TtlPolicy::default(),
-            agent_svid_ttl: 3600,
+            agent_svid_ttl,
             jwt_issuer: None,
+            metrics: Default::default(),
         });
         let api = NodeApi::new(state.clone());
         let token = "t0k3n";
@@ -686,6 +717,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await
@@ -714,6 +746,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn csr_identity_is_ignored_and_bad_csrs_are_refused() {
+        let f = fixture().await;
+        let entry_id = f.state.store.entries().unwrap()[0].id.clone();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["spiffe://example.org/admin".to_owned()]).unwrap();
+        let csr = params.serialize_request(&key).unwrap().der().to_vec();
+        let mut bad = csr.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 1;
+        let r = f
+            .api
+            .sign_x509_svids(f.req(pb::SignX509SvidsRequest {
+                requests: vec![
+                    pb::X509SvidRequest {
+                        entry_id: entry_id.clone(),
+                        csr,
+                        ..Default::default()
+                    },
+                    pb::X509SvidRequest {
+                        entry_id,
+                        csr: bad,
+                        ..Default::default()
+                    },
+                ],
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let chain: Vec<CertificateDer<'static>> = r.results[0]
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect();
+        let v = verify_x509_svid(
+            &chain,
+            &f.state.bundle_set(),
+            std::time::SystemTime::now(),
+            &sigil::validate::x509::AnyId,
+        )
+        .unwrap();
+        assert_eq!(v.spiffe_id().as_str(), "spiffe://example.org/w");
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
+        assert!(r.results[1].cert_chain.is_empty());
+        assert!(r.results[1].error.contains("CSR"));
+    }
+
+    #[tokio::test]
+    async fn an_expired_agent_svid_is_refused_per_call() {
+        let f = fixture_with_agent_ttl(1).await;
+        f.api
+            .fetch_bundle(f.req(pb::FetchBundleRequest {}))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let err = f
+            .api
+            .fetch_bundle(f.req(pb::FetchBundleRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[tokio::test]
     async fn other_agents_entries_and_foreign_certs_are_refused() {
         let f = fixture().await;
         // No certificate at all.
@@ -731,6 +832,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await
@@ -768,6 +870,7 @@ mod tests {
                 requests: vec![pb::X509SvidRequest {
                     entry_id: other.id,
                     public_key: spki(),
+                    ..Default::default()
                 }],
             }))
             .await

@@ -23,6 +23,7 @@ pub struct Server {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    pub http: SocketAddr,
     pub admin_socket: PathBuf,
 }
 
@@ -54,6 +55,7 @@ impl Server {
         let mut s = Self {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            http: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin_socket: dir.path().join("admin.sock"),
             dir,
         };
@@ -72,6 +74,10 @@ impl Server {
             .arg(self.addr.to_string())
             .arg("--admin-socket")
             .arg(&self.admin_socket)
+            .arg("--http-listen")
+            .arg(self.http.to_string())
+            .arg("--jwt-issuer")
+            .arg("https://sigil.example.org")
             .env("RUST_LOG", "warn");
         c
     }
@@ -87,7 +93,8 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let up = std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok()
-                && std::net::TcpStream::connect(self.addr).is_ok();
+                && std::net::TcpStream::connect(self.addr).is_ok()
+                && std::net::TcpStream::connect(self.http).is_ok();
             if up {
                 return;
             }
@@ -105,6 +112,22 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// A blocking HTTP/1.1 GET: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").unwrap().1.to_owned();
+        (status, body)
     }
 
     pub async fn admin(&self) -> admin::admin_client::AdminClient<Channel> {
@@ -161,6 +184,18 @@ pub async fn node_channel(
     client: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
     connects: Arc<AtomicUsize>,
 ) -> Result<node::node_client::NodeClient<Channel>, tonic::transport::Error> {
+    Ok(node::node_client::NodeClient::new(
+        tls_channel(addr, ca, client, connects).await?,
+    ))
+}
+
+/// A gRPC channel over TLS 1.3 to the node port.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    client: Option<(Vec<CertificateDer<'static>>, Vec<u8>)>,
+    connects: Arc<AtomicUsize>,
+) -> Result<Channel, tonic::transport::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
@@ -189,7 +224,7 @@ pub async fn node_channel(
             }
         }))
         .await?;
-    Ok(node::node_client::NodeClient::new(ch))
+    Ok(ch)
 }
 
 /// The CA certificate, from the admin API's bundle.
