@@ -110,6 +110,9 @@ pub struct StoredEntry {
     pub min_assurance: String,
     /// The server's revision of this entry.
     pub revision: u64,
+    /// When the entry stops issuing, Unix seconds; 0 for never.
+    #[serde(default)]
+    pub expires_at: i64,
 }
 
 impl From<pb::Entry> for StoredEntry {
@@ -127,6 +130,7 @@ impl From<pb::Entry> for StoredEntry {
             jwt_ttl_seconds: e.jwt_ttl_seconds,
             min_assurance: e.min_assurance,
             revision: e.revision,
+            expires_at: e.expires_at,
         }
     }
 }
@@ -349,7 +353,14 @@ impl ServerIdentitySource {
         let snap = {
             let live = self.lock();
             let mut entries = Vec::new();
-            for e in live.state.entries.values() {
+            let now = now_unix();
+            // An expired entry earns nothing, even before the server says so.
+            for e in live
+                .state
+                .entries
+                .values()
+                .filter(|e| e.expires_at == 0 || e.expires_at > now)
+            {
                 match e.to_entry() {
                     Ok(entry) => entries.push(Arc::new(entry)),
                     Err(err) => {
@@ -500,6 +511,7 @@ impl ServerIdentitySource {
                 requests.push(pb::X509SvidRequest {
                     entry_id: id.clone(),
                     public_key: p256_spki_der(&sec1),
+                    csr: Vec::new(),
                 });
                 keys.insert(id.clone(), key);
             }
