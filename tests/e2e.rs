@@ -64,6 +64,7 @@ impl Drop for Proc {
 
 struct Sigil {
     dir: tempfile::TempDir,
+    server_extra: Vec<String>,
     port: u16,
     server: Proc,
     agent: Proc,
@@ -111,6 +112,7 @@ impl Sigil {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--admin-socket")
             .arg(self.admin_socket())
+            .args(&self.server_extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -161,8 +163,14 @@ impl Sigil {
 
     /// Server + attested agent; no entries yet.
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Same, with extra `sigil-server run` flags.
+    fn start_with(server_extra: &[&str]) -> Self {
         let mut s = Self {
             dir: tempfile::tempdir().unwrap(),
+            server_extra: server_extra.iter().map(|a| a.to_string()).collect(),
             port: free_port(),
             server: Proc(None),
             agent: Proc(None),
@@ -328,6 +336,57 @@ async fn workloads_get_svids_through_real_server_and_agent() {
             .any(|l| l.contains("\"payments\"") && l.contains("\"denied\""))
     );
 
+    // Without the `workload.spiffe.io` header: InvalidArgument (sigil's
+    // generated client adds no header by itself).
+    let path = s.api_socket();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut raw =
+        sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_jwtsvid(sigil::proto::workload::JwtsvidRequest {
+            audience: vec!["ehr-fhir".into()],
+            spiffe_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A process of another user gets nothing of this user's identity.
+    if rustix_uid() == 0 {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let pub_dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(pub_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cli = pub_dir.path().join("sigil");
+        std::fs::copy(bin("sigil", "sigil-cli"), &cli).unwrap();
+        std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for what in [
+            &["fetch", "jwt", "--audience", "ehr-fhir"][..],
+            &["fetch", "x509"][..],
+        ] {
+            let o = Command::new(&cli)
+                .args(what)
+                .env("SPIFFE_ENDPOINT_SOCKET", s.endpoint())
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap();
+            assert_eq!(o.status.code(), Some(1), "{what:?}");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("PermissionDenied"), "{what:?}: {err}");
+        }
+    }
+
     // The sigil CLI over $SPIFFE_ENDPOINT_SOCKET.
     let token = s.cli_ok(&["fetch", "jwt", "--audience", "calendar"]);
     assert_eq!(token.trim().split('.').count(), 3);
@@ -337,7 +396,15 @@ async fn workloads_get_svids_through_real_server_and_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn server_outage_restart_and_rotation() {
-    let mut s = Sigil::start();
+    // Short agent SVIDs, so renewal happens during the test.
+    let mut s = Sigil::start_with(&["--agent-svid-ttl", "40s"]);
+    let serial = |s: &Sigil| {
+        let v: serde_json::Value =
+            serde_json::from_str(&s.cli_ok(&["agent", "show", &s.agent_id, "--output", "json"]))
+                .unwrap();
+        v["serial"].as_str().unwrap().to_owned()
+    };
+    let first_serial = serial(&s);
     let id = s.register(
         "/workload/scheduler",
         &[
@@ -433,6 +500,8 @@ async fn server_outage_restart_and_rotation() {
     );
     // New mints work again.
     client.fetch_jwt_svid(["calendar"], None).await.unwrap();
+    // And the agent renewed its own SVID (40 s TTL) once the server was back.
+    assert_ne!(serial(&s), first_serial, "agent SVID was not renewed");
 }
 
 async fn futures_next<S: futures::Stream + Unpin>(s: &mut S) -> Option<S::Item> {

@@ -269,7 +269,11 @@ impl std::fmt::Debug for ServerIdentitySource {
 }
 
 struct Inner {
-    client: NodeClient,
+    /// Replaced after every agent SVID renewal: the server checks on every
+    /// call that the connection's certificate is the agent's current one, so
+    /// calls must move to a new TLS connection with the new SVID.
+    client: std::sync::RwLock<NodeClient>,
+    server: String,
     resolver: Arc<SvidResolver>,
     tls_bundles: Arc<SharedBundles>,
     data_dir: PathBuf,
@@ -310,8 +314,10 @@ impl ServerIdentitySource {
         let resolver = Arc::new(SvidResolver::new(&agent_svid).map_err(|e| e.to_string())?);
         let bundle = state.parsed_bundle()?;
         let tls_bundles = Arc::new(SharedBundles::new([bundle].into_iter().collect()));
-        let client = NodeClient::new(server, &td, tls_bundles.clone(), Some(resolver.clone()))
-            .map_err(|e| e.to_string())?;
+        let client = std::sync::RwLock::new(
+            NodeClient::new(server, &td, tls_bundles.clone(), Some(resolver.clone()))
+                .map_err(|e| e.to_string())?,
+        );
         let mut svids = BTreeMap::new();
         for (id, s) in &state.svids {
             // A stored SVID that no longer parses is re-minted at next sync.
@@ -329,6 +335,7 @@ impl ServerIdentitySource {
         let me = Self {
             inner: Arc::new(Inner {
                 client,
+                server: server.to_owned(),
                 resolver,
                 tls_bundles,
                 data_dir,
@@ -340,6 +347,14 @@ impl ServerIdentitySource {
         };
         me.publish();
         Ok(me)
+    }
+
+    fn api(&self) -> pb::node_client::NodeClient<tonic::transport::Channel> {
+        self.inner
+            .client
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .api()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -407,7 +422,7 @@ impl ServerIdentitySource {
     /// entries since the last revision, (re-)mint the X.509-SVIDs that are
     /// missing or due, persist, publish.
     pub async fn sync_once(&self) -> Result<(), SyncError> {
-        let mut api = self.inner.client.api();
+        let mut api = self.api();
         let now = now_unix();
 
         // Agent SVID.
@@ -430,6 +445,20 @@ impl ServerIdentitySource {
                 .resolver
                 .update(&svid)
                 .map_err(|e| SyncError::Invalid(e.to_string()))?;
+            // New connection, new certificate.
+            let fresh = NodeClient::new(
+                &self.inner.server,
+                &self.inner.td,
+                self.inner.tls_bundles.clone(),
+                Some(self.inner.resolver.clone()),
+            )
+            .map_err(|e| SyncError::Invalid(e.to_string()))?;
+            *self
+                .inner
+                .client
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = fresh;
+            api = self.api();
             let mut live = self.lock();
             let stored = StoredSvid::from_svid(&svid);
             live.agent_refresh_at = stored.refresh_at;
@@ -571,7 +600,7 @@ impl IdentitySource for ServerIdentitySource {
         authorized: &'a AuthorizedAudience,
     ) -> BoxFuture<'a, Result<MintedJwtSvid, SourceError>> {
         Box::pin(async move {
-            let mut api = self.inner.client.api();
+            let mut api = self.api();
             let resp = api
                 .mint_jwt_svid(pb::MintJwtSvidRequest {
                     spiffe_id: authorized.entry().spiffe_id.to_string(),

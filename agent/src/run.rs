@@ -154,8 +154,14 @@ impl Config {
     }
 }
 
+/// Makes `dir` private (0700). Missing parents get ordinary permissions:
+/// they may also lead to the public Workload API socket.
 fn private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
