@@ -36,6 +36,9 @@ pub mod tls;
 #[cfg(feature = "layer")]
 pub mod layer;
 
+#[cfg(feature = "http-source")]
+pub mod http_source;
+
 #[cfg(feature = "workload-client")]
 pub mod workload;
 
