@@ -234,6 +234,113 @@ mod tests {
         assert_eq!(parse_url("/keys").err(), Some(HttpSourceError::BadUrl));
     }
 
+    /// A one-shot HTTPS server (rcgen certificate for `localhost`) answering
+    /// `status` with `body`; returns the port and the certificate.
+    async fn https_once(
+        status: &'static str,
+        body: String,
+    ) -> (u16, rustls::pki_types::CertificateDer<'static>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().clone();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            // A client that refuses our certificate ends the handshake.
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tls.read(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            tls.write_all(resp.as_bytes()).await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        (port, der)
+    }
+
+    #[tokio::test]
+    async fn fetches_over_https_with_the_given_roots_only() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let pk = crate::PrivateKey::generate_p256()
+            .unwrap()
+            .public_key_sec1()
+            .unwrap();
+        let mut b = Bundle::empty(td.clone());
+        b.jwt
+            .add_key(crate::JwtKey::from_sec1("k9", &pk).unwrap())
+            .unwrap();
+        let doc = b.to_spiffe_json();
+
+        let (port, cert) = https_once("200 OK", doc.clone()).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let tls = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let src = HttpBundleSource::start(
+            &format!("https://localhost:{port}/bundle"),
+            td.clone(),
+            Some(tls),
+        )
+        .await
+        .unwrap();
+        assert!(src.bundles().get(&td).unwrap().jwt.key("k9").is_some());
+
+        // A server whose certificate is not in the roots is refused.
+        let (port, _) = https_once("200 OK", doc).await;
+        let other_roots = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        );
+        let err = HttpBundleSource::start(
+            &format!("https://localhost:{port}/bundle"),
+            td,
+            Some(other_roots),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, HttpSourceError::Fetch(_)), "{err:?}");
+    }
+
     #[tokio::test]
     async fn https_needs_a_tls_config() {
         let td = TrustDomain::new("example.org").unwrap();
