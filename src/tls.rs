@@ -53,12 +53,57 @@ fn verify_peer(
         .map_err(|e| rustls::Error::General(format!("peer X.509-SVID refused: {e}")))
 }
 
-/// A rustls server-certificate verifier for SPIFFE peers.
-pub struct SpiffeServerVerifier {
+/// What both verifiers share: the bundles, the authorizer and the handshake
+/// signature algorithms.
+struct PeerCheck {
     bundles: Arc<dyn BundleSource>,
     authorizer: Arc<dyn Authorizer>,
     algs: WebPkiSupportedAlgorithms,
 }
+
+impl PeerCheck {
+    fn new(bundles: Arc<dyn BundleSource>, authorizer: Arc<dyn Authorizer>) -> Self {
+        Self {
+            bundles,
+            authorizer,
+            algs: algorithms(),
+        }
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        verify_peer(
+            end_entity,
+            intermediates,
+            now,
+            self.bundles.as_ref(),
+            self.authorizer.as_ref(),
+        )
+    }
+
+    /// The configs built here are TLS 1.3 only.
+    fn tls12(&self) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+}
+
+/// A rustls server-certificate verifier for SPIFFE peers.
+pub struct SpiffeServerVerifier(PeerCheck);
 
 impl std::fmt::Debug for SpiffeServerVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,11 +114,7 @@ impl std::fmt::Debug for SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// Verifies servers against `bundles`, then `authorizer`.
     pub fn new(bundles: Arc<dyn BundleSource>, authorizer: Arc<dyn Authorizer>) -> Self {
-        Self {
-            bundles,
-            authorizer,
-            algs: algorithms(),
-        }
+        Self(PeerCheck::new(bundles, authorizer))
     }
 }
 
@@ -86,13 +127,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            self.bundles.as_ref(),
-            self.authorizer.as_ref(),
-        )?;
+        self.0.verify(end_entity, intermediates, now)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -102,10 +137,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // The configs built here are TLS 1.3 only.
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.0.tls12()
     }
 
     fn verify_tls13_signature(
@@ -114,21 +146,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.0.algs.supported_schemes()
     }
 }
 
 /// A rustls client-certificate verifier for SPIFFE peers; a client
 /// certificate is mandatory.
-pub struct SpiffeClientVerifier {
-    bundles: Arc<dyn BundleSource>,
-    authorizer: Arc<dyn Authorizer>,
-    algs: WebPkiSupportedAlgorithms,
-}
+pub struct SpiffeClientVerifier(PeerCheck);
 
 impl std::fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,11 +167,7 @@ impl std::fmt::Debug for SpiffeClientVerifier {
 impl SpiffeClientVerifier {
     /// Verifies clients against `bundles`, then `authorizer`.
     pub fn new(bundles: Arc<dyn BundleSource>, authorizer: Arc<dyn Authorizer>) -> Self {
-        Self {
-            bundles,
-            authorizer,
-            algs: algorithms(),
-        }
+        Self(PeerCheck::new(bundles, authorizer))
     }
 }
 
@@ -158,13 +182,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer(
-            end_entity,
-            intermediates,
-            now,
-            self.bundles.as_ref(),
-            self.authorizer.as_ref(),
-        )?;
+        self.0.verify(end_entity, intermediates, now)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -174,9 +192,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
+        self.0.tls12()
     }
 
     fn verify_tls13_signature(
@@ -185,11 +201,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        self.0.tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
+        self.0.algs.supported_schemes()
     }
 }
 
