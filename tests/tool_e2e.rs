@@ -48,6 +48,7 @@ impl Tool {
         wait_for(
             name,
             proc.0.as_mut().unwrap(),
+            Some(&log),
             Duration::from_secs(20),
             || {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()

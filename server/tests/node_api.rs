@@ -290,6 +290,16 @@ async fn calls_without_a_current_agent_svid_are_refused() {
         .await
         .unwrap()
         .into_inner();
+    // 64 lowercase hex digits: never starts with `-`, so it is never taken
+    // for a flag on the agent's command line.
+    assert!(
+        t.token.len() == 64
+            && t.token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "{}",
+        t.token
+    );
     let k = Key::new();
     let req = |token: String| node::AttestRequest {
         method: Some(node::attest_request::Method::JoinToken(

@@ -34,11 +34,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_for(what: &str, child: &mut Child, timeout: Duration, mut ready: impl FnMut() -> bool) {
+/// Waits until `ready`; if the process exits first, panics with the tail of
+/// its `log` (its stderr), so a failure says why it stopped.
+pub fn wait_for(
+    what: &str,
+    child: &mut Child,
+    log: Option<&std::path::Path>,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) {
     let deadline = Instant::now() + timeout;
     while !ready() {
         if let Some(st) = child.try_wait().unwrap() {
-            panic!("{what} exited early: {st}");
+            let tail = log
+                .map(|p| {
+                    let text = std::fs::read_to_string(p).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let from = lines.len().saturating_sub(20);
+                    format!("\n--- {} ---\n{}", p.display(), lines[from..].join("\n"))
+                })
+                .unwrap_or_default();
+            panic!("{what} exited early: {st}{tail}");
         }
         assert!(Instant::now() < deadline, "{what} not ready in {timeout:?}");
         std::thread::sleep(Duration::from_millis(25));
@@ -103,6 +119,7 @@ impl Sigil {
     }
 
     pub fn start_server(&mut self) {
+        let log = self.dir.path().join("server.log");
         let child = Command::new(bin("sigil-server", "sigil-server"))
             .arg("run")
             .arg("--data-dir")
@@ -115,7 +132,7 @@ impl Sigil {
             .arg(self.admin_socket())
             .args(&self.server_extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         self.server = Proc(Some(child));
@@ -123,6 +140,7 @@ impl Sigil {
         wait_for(
             "sigil-server",
             self.server.0.as_mut().unwrap(),
+            Some(&log),
             Duration::from_secs(20),
             || {
                 std::os::unix::net::UnixStream::connect(&sock).is_ok()
@@ -132,7 +150,8 @@ impl Sigil {
     }
 
     pub fn start_agent(&mut self, join_token: Option<&str>) {
-        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let log_path = self.dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(bin("sigil-agent", "sigil-agent"));
         cmd.arg("run")
             .arg("--server")
@@ -157,6 +176,7 @@ impl Sigil {
         wait_for(
             "sigil-agent",
             self.agent.0.as_mut().unwrap(),
+            Some(&log_path),
             Duration::from_secs(20),
             || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
         );

@@ -10,8 +10,6 @@ use crate::model::{
 };
 use crate::state::{ServerState, request_id};
 use crate::store::StoreError;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sigil::SpiffeId;
 use sigil::proto::admin::v1 as pb;
 use std::sync::Arc;
@@ -218,7 +216,9 @@ impl pb::admin_server::Admin for AdminApi {
             }
         };
         let secret = random_bytes::<32>().map_err(|_| Status::internal("RNG failure"))?;
-        let token = URL_SAFE_NO_PAD.encode(secret);
+        // Hex, not base64url: a token must never start with `-`, or
+        // `sigil-agent run --join-token <token>` parses it as a flag.
+        let token = crate::model::hex(&secret);
         let hash = sha256(token.as_bytes());
         let expires_at = now_unix() + ttl;
         self.state
