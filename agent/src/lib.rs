@@ -27,5 +27,7 @@ pub mod local_ca;
 pub mod node_client;
 pub mod run;
 pub mod selector;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 pub mod workload_api;
 pub mod workload_attest;

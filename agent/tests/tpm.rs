@@ -1,0 +1,418 @@
+//! The agent's TPM code against a real swtpm per test (no mocks).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::swtpm::Swtpm;
+use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::{Signature as EcdsaSig, VerifyingKey};
+use sigil_agent::tpm::{AGENT_KEY_PRIV, AGENT_KEY_PUB, Tpm, TpmError};
+use tss_esapi::structures::{Attest, AttestInfo, Public, Signature};
+use tss_esapi::traits::UnMarshall;
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b)
+        .as_ref()
+        .try_into()
+        .unwrap()
+}
+
+fn pad32(v: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out[32 - v.len()..].copy_from_slice(v);
+    out
+}
+
+/// The P-256 verifying key of an ECC TPMT_PUBLIC.
+fn ecc_key(tpmt: &[u8]) -> VerifyingKey {
+    let Public::Ecc { unique, .. } = Public::unmarshall(tpmt).unwrap() else {
+        panic!("not ECC")
+    };
+    let mut sec1 = vec![4];
+    sec1.extend(pad32(unique.x().value()));
+    sec1.extend(pad32(unique.y().value()));
+    VerifyingKey::from_sec1_bytes(&sec1).unwrap()
+}
+
+/// TPMT_SIGNATURE (ECDSA) as a p256 signature.
+fn ecdsa_of(tpmt_signature: &[u8]) -> EcdsaSig {
+    let Signature::EcDsa(s) = Signature::unmarshall(tpmt_signature).unwrap() else {
+        panic!("not ECDSA")
+    };
+    EcdsaSig::from_scalars(
+        pad32(s.signature_r().value()),
+        pad32(s.signature_s().value()),
+    )
+    .unwrap()
+}
+
+/// Name of an object: nameAlg (SHA-256) || SHA-256(TPMT_PUBLIC).
+fn name_of(tpmt: &[u8]) -> Vec<u8> {
+    let mut n = vec![0x00, 0x0b];
+    n.extend(sha256(tpmt));
+    n
+}
+
+#[test]
+fn ek_is_rsa_2048_and_stable_across_opens() {
+    let swtpm = Swtpm::start();
+    let (ek1, hash1) = {
+        let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        assert!(
+            tpm.vendor().software,
+            "swtpm must be flagged: {:?}",
+            tpm.vendor()
+        );
+        (tpm.ek_public().unwrap(), tpm.ek_hash().unwrap())
+    };
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.ek_public().unwrap(), ek1);
+    assert_eq!(tpm.ek_hash().unwrap(), hash1);
+    assert_eq!(hash1.len(), 64);
+    assert!(
+        hash1
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    );
+    let Public::Rsa {
+        parameters,
+        object_attributes,
+        ..
+    } = Public::unmarshall(&ek1).unwrap()
+    else {
+        panic!("EK is not RSA")
+    };
+    assert_eq!(
+        parameters.key_bits(),
+        tss_esapi::interface_types::key_bits::RsaKeyBits::Rsa2048
+    );
+    assert!(object_attributes.restricted() && object_attributes.decrypt());
+    assert!(object_attributes.fixed_tpm() && !object_attributes.user_with_auth());
+    // The attestation's EK is that same key; another TPM has another EK.
+    assert_eq!(tpm.start_attestation().unwrap().ek_public().unwrap(), ek1);
+    drop(tpm);
+    let other = Swtpm::start();
+    assert_ne!(Tpm::open(&other.tcti()).unwrap().ek_hash().unwrap(), hash1);
+}
+
+#[test]
+fn ek_certificate_is_read_from_nv_and_certifies_the_ek() {
+    let swtpm = Swtpm::start_with_ek_cert();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    let cert = att.ek_certificate().expect("EK certificate in NV").to_vec();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    // The certificate's key is the EK: same SPKI hash.
+    assert_eq!(
+        hex(&sha256(parsed.public_key().raw)),
+        tpm.ek_hash().unwrap()
+    );
+    // Issued by the local CA's intermediate.
+    let (_, issuer) = swtpm.ek_ca_certs().unwrap();
+    let pem = std::fs::read(issuer).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let ca = pem.parse_x509().unwrap();
+    assert_eq!(parsed.issuer(), ca.subject());
+
+    // A TPM without one sends none.
+    drop(att);
+    drop(tpm);
+    let bare = Swtpm::start();
+    let tpm = Tpm::open(&bare.tcti()).unwrap();
+    assert!(tpm.start_attestation().unwrap().ek_certificate().is_none());
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn ak_is_a_restricted_p256_ecdsa_signing_key_under_the_ek() {
+    let swtpm = Swtpm::start();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    let ak = att.ak_public().unwrap();
+    let Public::Ecc {
+        object_attributes: a,
+        parameters,
+        name_hashing_algorithm,
+        ..
+    } = Public::unmarshall(&ak).unwrap()
+    else {
+        panic!("AK is not ECC")
+    };
+    assert_eq!(
+        parameters.ecc_curve(),
+        tss_esapi::interface_types::ecc::EccCurve::NistP256
+    );
+    assert!(matches!(
+        parameters.ecc_scheme(),
+        tss_esapi::structures::EccScheme::EcDsa(h)
+            if h.hashing_algorithm() == tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256
+    ));
+    assert_eq!(
+        name_hashing_algorithm,
+        tss_esapi::interface_types::algorithm::HashingAlgorithm::Sha256
+    );
+    assert!(a.restricted() && a.sign_encrypt() && !a.decrypt());
+    assert!(a.fixed_tpm() && a.fixed_parent() && a.sensitive_data_origin() && a.user_with_auth());
+    // Fresh per attestation.
+    drop(att);
+    let again = tpm.start_attestation().unwrap();
+    assert_ne!(again.ak_public().unwrap(), ak);
+}
+
+#[test]
+fn activate_credential_recovers_the_secret_only_on_the_right_tpm() {
+    let swtpm = Swtpm::start();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    let secret = [0x5au8; 32];
+    let (blob, enc) = att.make_credential_in_tpm(&secret).unwrap();
+    assert_eq!(att.activate_credential(&blob, &enc).unwrap(), secret);
+    // The session was consumed and flushed: it works again.
+    assert_eq!(att.activate_credential(&blob, &enc).unwrap(), secret);
+
+    // A tampered credential blob fails its integrity check.
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        att.activate_credential(&bad, &enc),
+        Err(TpmError::Command { .. })
+    ));
+    // Garbage of the wrong size is refused, not a panic.
+    assert!(att.activate_credential(&[0u8; 5000], &enc).is_err());
+    assert!(att.activate_credential(&blob, &[]).is_err());
+
+    // Another TPM (another EK) cannot activate it.
+    let other = Swtpm::start();
+    let tpm2 = Tpm::open(&other.tcti()).unwrap();
+    let att2 = tpm2.start_attestation().unwrap();
+    assert!(att2.activate_credential(&blob, &enc).is_err());
+}
+
+#[test]
+fn certify_binds_the_agent_key_to_the_ak_and_the_challenge() {
+    let swtpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    let extra = sha256(b"the activated secret");
+    let (info, sig) = att.certify(&key, &extra).unwrap();
+
+    let attest = Attest::unmarshall(&info).unwrap();
+    assert_eq!(attest.extra_data().value(), extra);
+    let AttestInfo::Certify { info: c } = attest.attested() else {
+        panic!("not a certify attestation")
+    };
+    assert_eq!(c.name().value(), name_of(&key.public_tpmt().unwrap()));
+
+    let ak = ecc_key(&att.ak_public().unwrap());
+    let sig = ecdsa_of(&sig);
+    ak.verify(&info, &sig).unwrap();
+    // Failing cases: a changed TPMS_ATTEST, or a key that is not the AK.
+    let mut tampered = info.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(ak.verify(&tampered, &sig).is_err());
+    let agent_vk = VerifyingKey::from_sec1_bytes(key.public_sec1()).unwrap();
+    assert!(agent_vk.verify(&info, &sig).is_err());
+}
+
+#[test]
+fn agent_key_signatures_verify_with_p256() {
+    let swtpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    let vk = VerifyingKey::from_sec1_bytes(key.public_sec1()).unwrap();
+    // The SPKI is the same key.
+    use x509_parser::prelude::FromDer;
+    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(key.spki_der()).unwrap();
+    assert_eq!(&*spki.subject_public_key.data, key.public_sec1());
+    for i in 0..20u8 {
+        let digest = sha256(&[i]);
+        let der = key.sign_digest(&digest).unwrap();
+        let sig = EcdsaSig::from_der(&der).unwrap();
+        vk.verify_prehash(&digest, &sig).unwrap();
+        assert!(vk.verify_prehash(&sha256(&[i, 1]), &sig).is_err());
+    }
+    // rustls signer: SHA-256 of the message, signed in the TPM.
+    let signing = key.rustls_signing_key();
+    assert!(
+        signing
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP384_SHA384])
+            .is_none()
+    );
+    let signer = signing
+        .choose_scheme(&[
+            rustls::SignatureScheme::ED25519,
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+        ])
+        .unwrap();
+    assert_eq!(
+        signer.scheme(),
+        rustls::SignatureScheme::ECDSA_NISTP256_SHA256
+    );
+    let der = signer.sign(b"handshake transcript").unwrap();
+    vk.verify(b"handshake transcript", &EcdsaSig::from_der(&der).unwrap())
+        .unwrap();
+    assert!(
+        vk.verify(b"another transcript", &EcdsaSig::from_der(&der).unwrap())
+            .is_err()
+    );
+}
+
+#[test]
+fn agent_key_survives_a_new_process_from_its_blobs_and_only_on_its_tpm() {
+    use std::os::unix::fs::PermissionsExt;
+    let swtpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let spki = {
+        let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+        tpm.load_or_create_agent_key(dir.path())
+            .unwrap()
+            .spki_der()
+            .to_vec()
+    };
+    for f in [AGENT_KEY_PUB, AGENT_KEY_PRIV] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // A new context (as after a restart) loads the same key, which signs.
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    assert_eq!(key.spki_der(), spki);
+    let vk = VerifyingKey::from_sec1_bytes(key.public_sec1()).unwrap();
+    let digest = sha256(b"after restart");
+    vk.verify_prehash(
+        &digest,
+        &EcdsaSig::from_der(&key.sign_digest(&digest).unwrap()).unwrap(),
+    )
+    .unwrap();
+    drop(key);
+    drop(tpm);
+
+    // The blobs are useless on another TPM.
+    let other = Swtpm::start();
+    let tpm2 = Tpm::open(&other.tcti()).unwrap();
+    assert!(matches!(
+        tpm2.load_agent_key(dir.path()),
+        Err(TpmError::Command { .. })
+    ));
+    // A corrupt public blob is refused before it reaches the TPM.
+    std::fs::write(dir.path().join(AGENT_KEY_PUB), b"junk").unwrap();
+    assert!(matches!(
+        tpm2.load_agent_key(dir.path()),
+        Err(TpmError::CorruptBlob(_))
+    ));
+}
+
+#[test]
+fn agent_key_cannot_be_duplicated_out_of_the_tpm() {
+    use tss_esapi::constants::{CommandCode, SessionType};
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::interface_types::session_handles::PolicySession;
+    use tss_esapi::structures::{SymmetricDefinition, SymmetricDefinitionObject};
+
+    let swtpm = Swtpm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    let Public::Ecc {
+        object_attributes: a,
+        ..
+    } = Public::unmarshall(&key.public_tpmt().unwrap()).unwrap()
+    else {
+        panic!()
+    };
+    assert!(a.fixed_tpm() && a.fixed_parent() && a.sensitive_data_origin());
+    assert!(!a.encrypted_duplication() && a.sign_encrypt() && !a.decrypt() && !a.restricted());
+
+    // TPM2_Duplicate with the DUP role (a policy session allowing
+    // Duplicate) to a null parent: the TPM refuses.
+    let result = tpm.with_raw_context(|ctx| {
+        let session = ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .unwrap()
+            .unwrap();
+        ctx.policy_command_code(
+            PolicySession::try_from(session).unwrap(),
+            CommandCode::Duplicate,
+        )
+        .unwrap();
+        let r = ctx.execute_with_session(Some(session), |c| {
+            c.duplicate(
+                key.raw_handle().into(),
+                tss_esapi::handles::ObjectHandle::Null,
+                None,
+                SymmetricDefinitionObject::Null,
+            )
+        });
+        let _ = ctx.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+        r
+    });
+    let err = result.expect_err("a fixedTPM key must not duplicate");
+    eprintln!("duplicate refused: {err}");
+}
+
+#[test]
+fn leftover_transient_handles_of_a_crashed_client_are_flushed_at_open() {
+    let swtpm = Swtpm::start();
+    // A client that creates three transient objects and dies without
+    // flushing them (process exit: no destructors run).
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crashing_client_helper",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SIGIL_TEST_CRASH_TCTI", swtpm.tcti())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(42), "helper did not run");
+
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    assert_eq!(tpm.transient_handles().unwrap(), 0);
+    // The TPM has room again: agent key + EK + AK = 3 objects.
+    let dir = tempfile::tempdir().unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    assert_eq!(tpm.transient_handles().unwrap(), 3);
+    att.certify(&key, &[1; 32]).unwrap();
+}
+
+/// Not a test: the crashing client of the test above.
+#[test]
+#[ignore = "helper process of leftover_transient_handles_of_a_crashed_client_are_flushed_at_open"]
+fn crashing_client_helper() {
+    let Ok(tcti) = std::env::var("SIGIL_TEST_CRASH_TCTI") else {
+        return;
+    };
+    let tpm = Tpm::open(&tcti).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
+    let att = tpm.start_attestation().unwrap();
+    assert_eq!(tpm.transient_handles().unwrap(), 3);
+    // Full: a fourth object does not fit.
+    assert!(
+        tpm.load_or_create_agent_key(tempfile::tempdir().unwrap().path())
+            .is_err()
+    );
+    std::mem::forget((key, att));
+    std::process::exit(42);
+}
