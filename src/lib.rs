@@ -39,6 +39,9 @@ pub mod layer;
 #[cfg(feature = "http-source")]
 pub mod http_source;
 
+#[cfg(feature = "tpm")]
+pub mod tpm;
+
 #[cfg(feature = "workload-client")]
 pub mod workload;
 

@@ -224,7 +224,9 @@ impl pb::node_server::Node for NodeApi {
             Some(pb::attest_request::Method::JoinToken(j)) => j.token,
             Some(pb::attest_request::Method::Tpm(_)) => {
                 self.audit_denied(ev, "TPM attestation is not implemented yet");
-                return Err(Status::unimplemented("TPM attestation is not implemented yet"));
+                return Err(Status::unimplemented(
+                    "TPM attestation is not implemented yet",
+                ));
             }
             Some(pb::attest_request::Method::ChallengeResponse(_)) => {
                 self.audit_denied(ev, "no challenge is pending");
