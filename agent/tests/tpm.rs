@@ -7,6 +7,7 @@ use common::swtpm::Swtpm;
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature as EcdsaSig, VerifyingKey};
+use sigil::tpm::TpmPublic;
 use sigil_agent::tpm::{AGENT_KEY_PRIV, AGENT_KEY_PUB, Tpm, TpmError};
 use tss_esapi::structures::{Attest, AttestInfo, Public, Signature};
 use tss_esapi::traits::UnMarshall;
@@ -169,7 +170,11 @@ fn activate_credential_recovers_the_secret_only_on_the_right_tpm() {
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let att = tpm.start_attestation().unwrap();
     let secret = [0x5au8; 32];
-    let (blob, enc) = att.make_credential_in_tpm(&secret).unwrap();
+    // MakeCredential in software, as the server runs it.
+    let ek = TpmPublic::parse(&att.ek_public().unwrap()).unwrap();
+    let ak = TpmPublic::parse(&att.ak_public().unwrap()).unwrap();
+    let cred = sigil::tpm::make_credential(&ek, &ak.name(), &secret).unwrap();
+    let (blob, enc) = (cred.credential_blob.clone(), cred.encrypted_secret.clone());
     assert_eq!(att.activate_credential(&blob, &enc).unwrap(), secret);
     // The session was consumed and flushed: it works again.
     assert_eq!(att.activate_credential(&blob, &enc).unwrap(), secret);
@@ -185,6 +190,13 @@ fn activate_credential_recovers_the_secret_only_on_the_right_tpm() {
     // Garbage of the wrong size is refused, not a panic.
     assert!(att.activate_credential(&[0u8; 5000], &enc).is_err());
     assert!(att.activate_credential(&blob, &[]).is_err());
+
+    // A credential made for another object name (here the EK's) fails.
+    let wrong = sigil::tpm::make_credential(&ek, &ek.name(), &secret).unwrap();
+    assert!(
+        att.activate_credential(&wrong.credential_blob, &wrong.encrypted_secret)
+            .is_err()
+    );
 
     // Another TPM (another EK) cannot activate it.
     let other = Swtpm::start();
@@ -208,7 +220,22 @@ fn certify_binds_the_agent_key_to_the_ak_and_the_challenge() {
     let AttestInfo::Certify { info: c } = attest.attested() else {
         panic!("not a certify attestation")
     };
-    assert_eq!(c.name().value(), name_of(&key.public_tpmt().unwrap()));
+    assert_eq!(c.name().value(), name_of(key.public_tpmt()));
+
+    // The server's verification (sigil::tpm) accepts it, and the keys have
+    // the shapes the server requires.
+    let ak_pub = TpmPublic::parse(&att.ak_public().unwrap()).unwrap();
+    let key_pub = TpmPublic::parse(key.public_tpmt()).unwrap();
+    ak_pub.check_ak().unwrap();
+    key_pub.check_resident_signing_key().unwrap();
+    TpmPublic::parse(&att.ek_public().unwrap())
+        .unwrap()
+        .check_ek()
+        .unwrap();
+    sigil::tpm::verify_certify(&ak_pub, &key_pub, &info, &sig, &extra).unwrap();
+    assert!(sigil::tpm::verify_certify(&ak_pub, &key_pub, &info, &sig, &[0; 32]).is_err());
+    assert!(sigil::tpm::verify_certify(&key_pub, &key_pub, &info, &sig, &extra).is_err());
+    assert_eq!(key_pub.spki_der(), key.spki_der());
 
     let ak = ecc_key(&att.ak_public().unwrap());
     let sig = ecdsa_of(&sig);
@@ -328,7 +355,7 @@ fn agent_key_cannot_be_duplicated_out_of_the_tpm() {
     let Public::Ecc {
         object_attributes: a,
         ..
-    } = Public::unmarshall(&key.public_tpmt().unwrap()).unwrap()
+    } = Public::unmarshall(key.public_tpmt()).unwrap()
     else {
         panic!()
     };

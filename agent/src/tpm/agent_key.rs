@@ -103,7 +103,7 @@ pub struct AgentKey(Arc<Inner>);
 struct Inner {
     tpm: Tpm,
     handle: KeyHandle,
-    public: Public,
+    tpmt: Vec<u8>,
     sec1: Vec<u8>,
     spki: Vec<u8>,
 }
@@ -132,32 +132,15 @@ fn hex_sha256(b: &[u8]) -> String {
         .collect()
 }
 
-/// The uncompressed SEC1 point of a P-256 TPM key that matches the agent key
-/// template; `None` for anything else.
-fn p256_point(public: &Public) -> Option<Vec<u8>> {
-    let Public::Ecc {
-        parameters,
-        unique,
-        object_attributes,
-        ..
-    } = public
-    else {
-        return None;
-    };
-    if parameters.ecc_curve() != EccCurve::NistP256
-        || !object_attributes.sign_encrypt()
-        || object_attributes.decrypt()
-        || object_attributes.restricted()
-        || !object_attributes.fixed_tpm()
-        || !object_attributes.fixed_parent()
-        || !object_attributes.sensitive_data_origin()
-    {
-        return None;
-    }
-    let mut sec1 = vec![0x04];
-    sec1.extend(der::pad(unique.x().value(), 32)?);
-    sec1.extend(der::pad(unique.y().value(), 32)?);
-    Some(sec1)
+/// The key's TPMT_PUBLIC, checked with `sigil::tpm` (the server's own
+/// checks): an ECC P-256 unrestricted signing key, fixedTPM, fixedParent,
+/// sensitiveDataOrigin. Returns (TPMT_PUBLIC, SEC1 point, SPKI).
+fn checked_public(public: &Public) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    let tpmt = public.marshall().ok()?;
+    let parsed = sigil::tpm::TpmPublic::parse(&tpmt).ok()?;
+    parsed.check_resident_signing_key().ok()?;
+    let sec1 = parsed.p256_point()?.to_vec();
+    Some((tpmt, sec1, parsed.spki_der()))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TpmError> {
@@ -221,9 +204,8 @@ impl Tpm {
             Ok((created.out_public, created.out_private, handle))
         })?;
         let key = self.agent_key(handle, public)?;
-        let pub_bytes = key.0.public.marshall().op("marshal TPMT_PUBLIC")?;
         write_private(&priv_path, private.value())?;
-        write_private(&pub_path, &pub_bytes)?;
+        write_private(&pub_path, &key.0.tpmt)?;
         tracing::info!(key = ?key, "created a TPM agent key");
         Ok(key)
     }
@@ -241,7 +223,7 @@ impl Tpm {
             .map_err(|_| TpmError::CorruptBlob(pub_path.clone()))?;
         let private = Private::try_from(read(&priv_path)?)
             .map_err(|_| TpmError::CorruptBlob(priv_path.clone()))?;
-        if p256_point(&public).is_none() {
+        if checked_public(&public).is_none() {
             return Err(TpmError::CorruptBlob(pub_path));
         }
         let handle = self.with_srk(|ctx, srk| {
@@ -252,17 +234,16 @@ impl Tpm {
     }
 
     fn agent_key(&self, handle: KeyHandle, public: Public) -> Result<AgentKey, TpmError> {
-        let Some(sec1) = p256_point(&public) else {
+        let Some((tpmt, sec1, spki)) = checked_public(&public) else {
             let _ = self.lock().flush_context(handle.into());
             return Err(TpmError::Unexpected(
-                "the agent key is not a P-256 signing key",
+                "the agent key is not a TPM-resident P-256 signing key",
             ));
         };
-        let spki = crate::cache::p256_spki_der(&sec1);
         Ok(AgentKey(Arc::new(Inner {
             tpm: self.clone(),
             handle,
-            public,
+            tpmt,
             sec1,
             spki,
         })))
@@ -281,8 +262,8 @@ impl AgentKey {
     }
 
     /// TPMT_PUBLIC of the key (`TpmKeyCertification.public`).
-    pub fn public_tpmt(&self) -> Result<Vec<u8>, TpmError> {
-        self.0.public.marshall().op("marshal TPMT_PUBLIC")
+    pub fn public_tpmt(&self) -> &[u8] {
+        &self.0.tpmt
     }
 
     /// The uncompressed SEC1 public point.

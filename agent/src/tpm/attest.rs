@@ -12,7 +12,7 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, EncryptedSecret, IdObject, Public, RsaExponent, SignatureScheme, SymmetricDefinition,
+    Data, EncryptedSecret, IdObject, Public, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::traits::Marshall;
 
@@ -130,30 +130,13 @@ impl Tpm {
     }
 
     /// Lowercase hex SHA-256 of the EK's DER SubjectPublicKeyInfo: the last
-    /// segment of `spiffe://<td>/agent/tpm/<hash>`.
+    /// segment of `spiffe://<td>/agent/tpm/<hash>` (computed by
+    /// `sigil::tpm`, the same code the server runs).
     pub fn ek_hash(&self) -> Result<String, TpmError> {
-        ek_hash_of(&self.ek_public()?)
+        let ek = sigil::tpm::TpmPublic::parse(&self.ek_public()?)
+            .map_err(|_| TpmError::Unexpected("the EK's TPMT_PUBLIC does not parse"))?;
+        Ok(sigil::tpm::spki_hash(&ek.spki_der()))
     }
-}
-
-/// Lowercase hex SHA-256 of the SubjectPublicKeyInfo of an RSA EK given as
-/// TPMT_PUBLIC. TODO(sigil::tpm): use `sigil::tpm::ek_hash` once merged.
-pub fn ek_hash_of(ek_tpmt_public: &[u8]) -> Result<String, TpmError> {
-    use tss_esapi::traits::UnMarshall;
-    let public = Public::unmarshall(ek_tpmt_public).op("parse TPMT_PUBLIC")?;
-    let Public::Rsa {
-        parameters, unique, ..
-    } = public
-    else {
-        return Err(TpmError::Unexpected("the EK is not an RSA key"));
-    };
-    let e = match parameters.exponent() {
-        RsaExponent::ZERO_EXPONENT => 65537,
-        x => x.value(),
-    };
-    let spki = der::rsa_spki_der(unique.value(), e);
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki);
-    Ok(d.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The DER EK certificate from NV, `None` if the index is not defined.
@@ -268,19 +251,5 @@ impl Attestation {
             attest.marshall().op("marshal TPMS_ATTEST")?,
             signature.marshall().op("marshal TPMT_SIGNATURE")?,
         ))
-    }
-
-    /// TPM2_MakeCredential run by the TPM itself on the EK's public part:
-    /// what the server computes in software. For tests of the plumbing.
-    #[doc(hidden)]
-    pub fn make_credential_in_tpm(&self, secret: &[u8]) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
-        use tss_esapi::structures::Digest;
-        let mut ctx = self.tpm.lock();
-        let (_, ak_name, _) = ctx.read_public(self.ak).op("read the AK")?;
-        let secret = Digest::try_from(secret).op("secret")?;
-        let (blob, enc) = ctx
-            .execute_without_session(|c| c.make_credential(self.ek, secret, ak_name))
-            .op("make a credential")?;
-        Ok((blob.value().to_vec(), enc.value().to_vec()))
     }
 }
