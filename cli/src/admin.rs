@@ -50,6 +50,35 @@ pub enum Command {
     /// Signing keys: show them, and rotate the JWT key by hand.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// TPM node attestation: the endorsement-key allow-list.
+    #[command(subcommand)]
+    Tpm(TpmCommand),
+}
+
+/// `sigil tpm …`
+#[derive(Debug, Subcommand)]
+pub enum TpmCommand {
+    /// Allow the TPM with this EK hash to attest (assurance al2). The hash
+    /// is what `sigil-agent tpm ek-hash` prints on that node.
+    Allow {
+        /// Lowercase hex SHA-256 of the EK's SubjectPublicKeyInfo.
+        ek_hash: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Take an EK hash off the allow-list (agents already attested keep
+    /// their SVID until it expires: `sigil agent evict` them too).
+    Remove {
+        /// Lowercase hex SHA-256 of the EK's SubjectPublicKeyInfo.
+        ek_hash: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// List the allowed EK hashes.
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 /// `sigil keys …`
@@ -522,6 +551,43 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 format!("Agent {} is {}\n", a.spiffe_id, a.status)
             });
         }
+        Command::Tpm(TpmCommand::Allow { ek_hash, out }) => {
+            let e = c
+                .allow_tpm_ek(pb::TpmEkRequest { ek_hash })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, tpm_ek_json(&e), || {
+                format!("Allowed EK {}\nAgent ID: {}\n", e.ek_hash, e.agent_id)
+            });
+        }
+        Command::Tpm(TpmCommand::Remove { ek_hash, out }) => {
+            let e = c
+                .remove_tpm_ek(pb::TpmEkRequest { ek_hash })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, tpm_ek_json(&e), || {
+                format!("Removed EK {}\n", e.ek_hash)
+            });
+        }
+        Command::Tpm(TpmCommand::List { out }) => {
+            let r = c
+                .list_tpm_eks(pb::ListTpmEksRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(
+                &out,
+                Value::Array(r.eks.iter().map(tpm_ek_json).collect()),
+                || {
+                    r.eks
+                        .iter()
+                        .map(|e| format!("{}  {}\n", e.ek_hash, e.agent_id))
+                        .collect()
+                },
+            );
+        }
         Command::Keys(KeysCommand::Show { out }) => {
             let r = c
                 .list_keys(pb::ListKeysRequest {})
@@ -615,6 +681,14 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn tpm_ek_json(e: &pb::TpmEk) -> Value {
+    json!({
+        "ek_hash": e.ek_hash,
+        "agent_id": e.agent_id,
+        "added_at": e.added_at,
+    })
 }
 
 #[cfg(test)]

@@ -47,6 +47,10 @@ pub struct AuditEvent {
     /// Serial of a minted X.509-SVID.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// How the subject authenticated (`join_token`, `tpm`, `tpm_ek_cert`),
+    /// as in the `amr` claim: `method` names the API call, this the proof.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
 }
 
 /// The audit line could not be written.

@@ -53,6 +53,12 @@ pub struct RunArgs {
     /// Log format: human or json. Default human.
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// PEM file of TPM manufacturer CA certificates (roots and
+    /// intermediates): a TPM whose EK certificate one of them issued attests
+    /// at assurance al3. Repeatable. Without it, only EKs on the allow-list
+    /// (`sigil tpm allow`) attest, at al2.
+    #[arg(long = "tpm-ek-ca", value_name = "FILE")]
+    pub tpm_ek_ca: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -72,6 +78,8 @@ struct FileConfig {
     default_jwt_ttl: Option<String>,
     jwt_issuer: Option<String>,
     log_format: Option<String>,
+    #[serde(default)]
+    tpm_ek_ca: Vec<PathBuf>,
 }
 
 /// Log output format.
@@ -112,6 +120,8 @@ pub struct Config {
     pub jwt_issuer: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// TPM manufacturer CA files.
+    pub tpm_ek_ca: Vec<PathBuf>,
 }
 
 /// Parses `90`, `30s`, `10m`, `1h`, `7d` into seconds.
@@ -175,6 +185,8 @@ impl Config {
             "json" => LogFormat::Json,
             other => bail!("log format {other:?} is not human or json"),
         };
+        let mut tpm_ek_ca = file.tpm_ek_ca;
+        tpm_ek_ca.extend(args.tpm_ek_ca.iter().cloned());
         let mut server_dns_names = file.server_dns_names;
         server_dns_names.extend(args.server_dns_names.iter().cloned());
         let cfg = Self {
@@ -200,6 +212,7 @@ impl Config {
             jwt_issuer: args.jwt_issuer.clone().or(file.jwt_issuer),
             server_dns_names,
             log_format,
+            tpm_ek_ca,
             trust_domain,
             data_dir,
         };

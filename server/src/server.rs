@@ -39,6 +39,10 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         ..JwtKeyPolicy::default()
     };
     let (ca, jwt) = ca::load_or_init(store.clone(), &cfg.trust_domain, cfg.ca_ttl, policy)?;
+    let tpm = crate::tpm::TpmAttestor::load(&cfg.tpm_ek_ca)?;
+    if tpm.has_cas() {
+        tracing::info!(files = cfg.tpm_ek_ca.len(), "TPM manufacturer CAs loaded");
+    }
     let audit = FileAuditSink::open(&cfg.audit_log)
         .with_context(|| format!("opening the audit log {}", cfg.audit_log.display()))?;
     Ok(Arc::new(ServerState {
@@ -55,6 +59,7 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         agent_svid_ttl: cfg.agent_svid_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
         metrics: Default::default(),
+        tpm,
     }))
 }
 

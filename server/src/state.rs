@@ -29,6 +29,8 @@ pub struct ServerState {
     pub jwt_issuer: Option<String>,
     /// Counters for `/metrics`.
     pub metrics: Metrics,
+    /// TPM node attestation: EK trust and challenges in flight.
+    pub tpm: crate::tpm::TpmAttestor,
 }
 
 /// Audit events counted by method and outcome: every attestation, mint

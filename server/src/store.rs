@@ -140,6 +140,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         id: &SpiffeId,
         f: &dyn Fn(&mut Agent) -> Result<(), StoreError>,
     ) -> Result<Agent, StoreError>;
+
+    /// Puts an EK hash (lowercase hex SHA-256 of the EK SubjectPublicKeyInfo)
+    /// on the TPM allow-list. False if it was already there.
+    fn allow_tpm_ek(&self, hash: &str, now: i64) -> Result<bool, StoreError>;
+    /// Takes an EK hash off the allow-list. False if it was not there.
+    fn remove_tpm_ek(&self, hash: &str) -> Result<bool, StoreError>;
+    /// Whether an EK hash is on the allow-list.
+    fn tpm_ek_allowed(&self, hash: &str) -> Result<bool, StoreError>;
+    /// The allow-list: (hash, added at) pairs in hash order.
+    fn tpm_eks(&self) -> Result<Vec<(String, i64)>, StoreError>;
 }
 
 const META_TRUST_DOMAIN: &[u8] = b"trust_domain";
@@ -173,6 +183,7 @@ pub struct SledStore {
     by_parent: sled::Tree,
     changes: sled::Tree,
     agents: sled::Tree,
+    tpm_eks: sled::Tree,
 }
 
 /// Runs `f`, which may block on disk I/O (an fsync), without stalling the
@@ -239,6 +250,7 @@ impl SledStore {
             by_parent: db.open_tree("entries_by_parent")?,
             changes: db.open_tree("entry_changes")?,
             agents: db.open_tree("agents")?,
+            tpm_eks: db.open_tree("tpm_ek_allow")?,
             db,
         })
     }
@@ -600,6 +612,45 @@ impl Store for SledStore {
                 return Ok(agent);
             }
         }
+    }
+
+    fn allow_tpm_ek(&self, hash: &str, now: i64) -> Result<bool, StoreError> {
+        let added = self
+            .tpm_eks
+            .compare_and_swap(hash, None::<&[u8]>, Some(&now.to_be_bytes()[..]))?
+            .is_ok();
+        self.flush()?;
+        Ok(added)
+    }
+
+    fn remove_tpm_ek(&self, hash: &str) -> Result<bool, StoreError> {
+        let removed = self.tpm_eks.remove(hash)?.is_some();
+        self.flush()?;
+        Ok(removed)
+    }
+
+    fn tpm_ek_allowed(&self, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.tpm_eks.contains_key(hash)?)
+    }
+
+    fn tpm_eks(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.tpm_eks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let hash = String::from_utf8(k.to_vec()).map_err(|e| StoreError::Corrupt {
+                    tree: "tpm_ek_allow",
+                    reason: e.to_string(),
+                })?;
+                let at = <[u8; 8]>::try_from(v.as_ref())
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        tree: "tpm_ek_allow",
+                        reason: "bad timestamp".into(),
+                    })?;
+                Ok((hash, at))
+            })
+            .collect()
     }
 }
 

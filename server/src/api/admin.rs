@@ -461,4 +461,112 @@ impl pb::admin_server::Admin for AdminApi {
         tracing::warn!(kid = %k.kid, "JWT key revoked by an operator");
         Ok(Response::new(key_to_pb(&k)))
     }
+
+    async fn allow_tpm_ek(
+        &self,
+        req: Request<pb::TpmEkRequest>,
+    ) -> Result<Response<pb::TpmEk>, Status> {
+        let mut ev = self.event(&req, "admin.AllowTpmEk");
+        let hash = req.get_ref().ek_hash.clone();
+        let agent_id = match self.tpm_agent_id(&hash) {
+            Ok(id) => id,
+            Err(e) => {
+                self.deny(ev, e.message().to_owned());
+                return Err(e);
+            }
+        };
+        ev.spiffe_id = Some(agent_id.clone());
+        let now = now_unix();
+        let added = self
+            .state
+            .store
+            .allow_tpm_ek(&hash, now)
+            .map_err(store_status)?;
+        if !added {
+            ev.reason = Some("already on the allow-list".into());
+        }
+        self.record(&ev)?;
+        tracing::info!(ek_hash = %hash, "TPM EK allowed");
+        let added_at = self
+            .state
+            .store
+            .tpm_eks()
+            .map_err(store_status)?
+            .into_iter()
+            .find(|(h, _)| *h == hash)
+            .map_or(now, |(_, at)| at);
+        Ok(Response::new(pb::TpmEk {
+            ek_hash: hash,
+            agent_id,
+            added_at,
+        }))
+    }
+
+    async fn remove_tpm_ek(
+        &self,
+        req: Request<pb::TpmEkRequest>,
+    ) -> Result<Response<pb::TpmEk>, Status> {
+        let mut ev = self.event(&req, "admin.RemoveTpmEk");
+        let hash = req.get_ref().ek_hash.clone();
+        let agent_id = match self.tpm_agent_id(&hash) {
+            Ok(id) => id,
+            Err(e) => {
+                self.deny(ev, e.message().to_owned());
+                return Err(e);
+            }
+        };
+        ev.spiffe_id = Some(agent_id.clone());
+        if !self
+            .state
+            .store
+            .remove_tpm_ek(&hash)
+            .map_err(store_status)?
+        {
+            self.deny(ev, "not on the allow-list".into());
+            return Err(Status::not_found("that EK hash is not on the allow-list"));
+        }
+        self.record(&ev)?;
+        tracing::info!(ek_hash = %hash, "TPM EK removed from the allow-list");
+        Ok(Response::new(pb::TpmEk {
+            ek_hash: hash,
+            agent_id,
+            added_at: 0,
+        }))
+    }
+
+    async fn list_tpm_eks(
+        &self,
+        _req: Request<pb::ListTpmEksRequest>,
+    ) -> Result<Response<pb::ListTpmEksResponse>, Status> {
+        let eks = self
+            .state
+            .store
+            .tpm_eks()
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(hash, added_at)| pb::TpmEk {
+                agent_id: self.tpm_agent_id(&hash).unwrap_or_default(),
+                ek_hash: hash,
+                added_at,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTpmEksResponse { eks }))
+    }
+}
+
+impl AdminApi {
+    /// Checks an EK hash (64 lowercase hex digits) and returns the agent ID
+    /// it names.
+    fn tpm_agent_id(&self, hash: &str) -> Result<String, Status> {
+        if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(Status::invalid_argument(
+                "an EK hash is 64 lowercase hex digits (SHA-256 of the EK SubjectPublicKeyInfo)",
+            ));
+        }
+        self.state
+            .td
+            .id(&format!("/agent/tpm/{hash}"))
+            .map(|id| id.to_string())
+            .map_err(|_| Status::internal("internal error"))
+    }
 }

@@ -19,11 +19,14 @@ use crate::model::{Agent, AgentStatus, Entry, hex, now_unix, sha256};
 use crate::state::{ServerState, request_id};
 use crate::store::{SpendOutcome, StoreError};
 use crate::tls::PeerCerts;
+use crate::tpm::BeginError;
 use sigil::assurance::methods;
 use sigil::proto::node::v1 as pb;
 use sigil::svid::jwt::{JwtSvidClaims, random_jti};
+use sigil::tpm::{TpmPublic, spki_hash, verify_certify};
 use sigil::{AssuranceLevel, SpiffeId, verify_x509_svid};
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 /// Most SVIDs one `SignX509Svids` call may ask for.
@@ -165,6 +168,321 @@ impl NodeApi {
             assurance_level: l.acr().into(),
         }
     }
+
+    /// TPM attestation, round 1: check the EK (certificate or allow-list)
+    /// and the AK, then challenge the TPM with MakeCredential.
+    fn attest_tpm_begin(
+        &self,
+        mut ev: AuditEvent,
+        t: pb::TpmAttestation,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        ev.amr = vec![methods::TPM.into()];
+        let ek = match TpmPublic::parse(&t.ek_public).and_then(|k| k.check_ek().map(|()| k)) {
+            Ok(k) => k,
+            Err(e) => {
+                self.audit_denied(ev, format!("EK refused: {e}"));
+                return Err(Status::invalid_argument(format!("EK: {e}")));
+            }
+        };
+        let ak = match TpmPublic::parse(&t.ak_public).and_then(|k| k.check_ak().map(|()| k)) {
+            Ok(k) => k,
+            Err(e) => {
+                self.audit_denied(ev, format!("AK refused: {e}"));
+                return Err(Status::invalid_argument(format!("AK: {e}")));
+            }
+        };
+        let ek_hash = spki_hash(&ek.spki_der());
+        let agent_id = self.tpm_agent_id(&ek_hash)?;
+        ev.spiffe_id = Some(agent_id.to_string());
+        if let Some(a) = self.state.store.agent(&agent_id).map_err(store_status)?
+            && a.status == AgentStatus::Banned
+        {
+            self.audit_denied(ev, "agent is banned");
+            return Err(Status::permission_denied("attestation failed"));
+        }
+        let now = now_unix();
+        // An EK certificate from a configured manufacturer CA ranks highest;
+        // the allow-list next.
+        let mut cert_failure = None;
+        let mut issuer = None;
+        if !t.ek_certificate.is_empty() {
+            match self.state.tpm.verify_ek_cert(&t.ek_certificate, &ek, now) {
+                Ok(i) => issuer = Some(i),
+                Err(e) => cert_failure = Some(e.to_string()),
+            }
+        }
+        let level = if issuer.is_some() {
+            ev.amr.push(methods::TPM_EK_CERT.into());
+            AssuranceLevel::Al3
+        } else if self
+            .state
+            .store
+            .tpm_ek_allowed(&ek_hash)
+            .map_err(store_status)?
+        {
+            ev.reason = cert_failure.map(|f| format!("EK certificate not used: {f}"));
+            AssuranceLevel::Al2
+        } else {
+            let reason = match cert_failure {
+                Some(f) => format!("{f}, and the EK hash {ek_hash} is not on the allow-list"),
+                None => {
+                    format!("no EK certificate, and the EK hash {ek_hash} is not on the allow-list")
+                }
+            };
+            self.audit_denied(ev, reason);
+            return Err(Status::permission_denied(
+                "attestation failed: this TPM's EK is neither allowed nor certified by a configured manufacturer CA",
+            ));
+        };
+        ev.assurance = Some(level.acr().into());
+        let (session_id, cred) = match self.state.tpm.begin(&ek, ak, ek_hash, level, issuer, now) {
+            Ok(x) => x,
+            Err(BeginError::Busy) => {
+                self.audit_denied(ev, "too many TPM attestations in progress");
+                return Err(Status::resource_exhausted(
+                    "too many TPM attestations in progress; retry later",
+                ));
+            }
+            Err(e) => {
+                self.audit_denied(ev, e.to_string());
+                return Err(Status::internal("internal error"));
+            }
+        };
+        ev.outcome = "challenge";
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        Ok(Response::new(pb::AttestResponse {
+            result: Some(pb::attest_response::Result::Challenge(pb::Challenge {
+                session_id,
+                challenge: Vec::new(),
+                tpm: Some(pb::TpmChallenge {
+                    credential_blob: cred.credential_blob,
+                    encrypted_secret: cred.encrypted_secret,
+                }),
+            })),
+            bundle: self.state.bundle().to_spiffe_json(),
+        }))
+    }
+
+    /// TPM attestation, round 2: the activated secret proves the AK lives
+    /// in the TPM with that EK; the AK's certification proves the agent key
+    /// does too. Then the agent SVID is issued for that key.
+    fn attest_tpm_finish(
+        &self,
+        mut ev: AuditEvent,
+        c: pb::ChallengeResponse,
+        public_key: Vec<u8>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        ev.amr = vec![methods::TPM.into()];
+        let now = now_unix();
+        // Taken out whatever happens next: one answer per challenge.
+        let Some(p) = self.state.tpm.take(&c.session_id, now) else {
+            self.audit_denied(ev, "unknown, answered or expired TPM challenge session");
+            return Err(Status::failed_precondition(
+                "no such TPM challenge (expired or already answered): attest again",
+            ));
+        };
+        let agent_id = self.tpm_agent_id(&p.ek_hash)?;
+        ev.spiffe_id = Some(agent_id.to_string());
+        ev.assurance = Some(p.level.acr().into());
+        if p.level == AssuranceLevel::Al3 {
+            ev.amr.push(methods::TPM_EK_CERT.into());
+        }
+        if !bool::from(c.response.as_slice().ct_eq(p.secret.as_slice())) {
+            self.audit_denied(ev, "wrong credential activation answer");
+            return Err(Status::permission_denied("attestation failed"));
+        }
+        let Some(k) = c.agent_key else {
+            self.audit_denied(ev, "no certification of the agent key");
+            return Err(Status::invalid_argument(
+                "agent_key (the AK's certification of the agent key) is required",
+            ));
+        };
+        let key = match TpmPublic::parse(&k.public)
+            .and_then(|key| key.check_resident_signing_key().map(|()| key))
+        {
+            Ok(key) => key,
+            Err(e) => {
+                self.audit_denied(ev, format!("agent key refused: {e}"));
+                return Err(Status::permission_denied(format!("agent key: {e}")));
+            }
+        };
+        let nonce = sha256(p.secret.as_slice());
+        if let Err(e) = verify_certify(&p.ak, &key, &k.certify_info, &k.signature, &nonce) {
+            self.audit_denied(ev, format!("agent key certification refused: {e}"));
+            return Err(Status::permission_denied(format!(
+                "agent key certification: {e}"
+            )));
+        }
+        let same_key = crate::ca::parse_p256_spki(&public_key).is_ok_and(|spki| {
+            use rcgen::PublicKeyData;
+            key.p256_point()
+                .is_some_and(|point| spki.der_bytes() == point.as_slice())
+        });
+        if !same_key {
+            self.audit_denied(ev, "public_key is not the certified TPM key");
+            return Err(Status::permission_denied(
+                "public_key must be the TPM-resident key the AK certified",
+            ));
+        }
+        let issued = self
+            .state
+            .ca
+            .issue(
+                &public_key,
+                &agent_id,
+                &[],
+                &[],
+                self.state.agent_svid_ttl,
+                now,
+            )
+            .map_err(ca_status)?;
+        let agent = Agent {
+            spiffe_id: agent_id.clone(),
+            status: AgentStatus::Active,
+            assurance: p.level,
+            method: methods::TPM.into(),
+            serial: issued.serial.clone(),
+            expires_at: issued.not_after,
+            attested_at: now,
+        };
+        // First attestation creates the agent; a re-attestation (restart,
+        // eviction, expiry) replaces its SVID. A ban stands.
+        match self.state.store.create_agent(&agent) {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists) => {
+                let updated = self.state.store.update_agent(&agent_id, &|a| {
+                    if a.status == AgentStatus::Banned {
+                        return Err(StoreError::Refused("agent is banned".into()));
+                    }
+                    a.status = AgentStatus::Active;
+                    a.assurance = agent.assurance;
+                    a.method = agent.method.clone();
+                    a.serial = agent.serial.clone();
+                    a.expires_at = agent.expires_at;
+                    Ok(())
+                });
+                match updated {
+                    Ok(_) => {}
+                    Err(StoreError::Refused(r)) => {
+                        self.audit_denied(ev, r);
+                        return Err(Status::permission_denied("attestation failed"));
+                    }
+                    Err(e) => return Err(store_status(e)),
+                }
+            }
+            Err(e) => return Err(store_status(e)),
+        }
+        ev.outcome = "ok";
+        ev.serial = Some(issued.serial.clone());
+        ev.reason = p.ek_issuer.map(|i| format!("EK certificate issued by {i}"));
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        tracing::info!(agent = %agent_id, level = %p.level, "agent attested with a TPM");
+        Ok(Response::new(pb::AttestResponse {
+            result: Some(pb::attest_response::Result::Svid(
+                self.agent_svid(&issued, &agent_id, p.level),
+            )),
+            bundle: self.state.bundle().to_spiffe_json(),
+        }))
+    }
+
+    fn tpm_agent_id(&self, ek_hash: &str) -> Result<SpiffeId, Status> {
+        self.state
+            .td
+            .id(&format!("/agent/tpm/{ek_hash}"))
+            .map_err(|_| Status::internal("internal error"))
+    }
+
+    /// Join-token attestation: one atomic spend of the token.
+    fn attest_join_token(
+        &self,
+        ev: AuditEvent,
+        token: String,
+        public_key: Vec<u8>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let mut ev = ev;
+        ev.amr = vec![methods::JOIN_TOKEN.into()];
+        if crate::ca::parse_p256_spki(&public_key).is_err() {
+            self.audit_denied(ev, "public key is not an ECDSA P-256 SubjectPublicKeyInfo");
+            return Err(Status::invalid_argument(
+                "public_key must be a DER ECDSA P-256 SubjectPublicKeyInfo",
+            ));
+        }
+        if token.is_empty() || token.len() > 256 {
+            self.audit_denied(ev, "malformed join token");
+            return Err(Status::permission_denied("attestation failed"));
+        }
+        // Attest: one atomic spend.
+        let hash = sha256(token.as_bytes());
+        let token_id = join_token_id(&hash);
+        let agent_id = self
+            .state
+            .td
+            .id(&format!("/agent/join/{token_id}"))
+            .map_err(|_| Status::internal("internal error"))?;
+        ev.spiffe_id = Some(agent_id.to_string());
+        ev.assurance = Some(AssuranceLevel::Al1.acr().into());
+        let now = now_unix();
+        match self
+            .state
+            .store
+            .spend_join_token(&hash, now)
+            .map_err(store_status)?
+        {
+            SpendOutcome::Spent => {}
+            SpendOutcome::AlreadySpent => {
+                self.audit_denied(ev, "join token reuse: already spent");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+            SpendOutcome::Expired => {
+                self.audit_denied(ev, "join token expired");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+            SpendOutcome::Unknown => {
+                ev.spiffe_id = None;
+                self.audit_denied(ev, "unknown join token");
+                return Err(Status::permission_denied("attestation failed"));
+            }
+        }
+        // Act.
+        let issued = self
+            .state
+            .ca
+            .issue(
+                &public_key,
+                &agent_id,
+                &[],
+                &[],
+                self.state.agent_svid_ttl,
+                now,
+            )
+            .map_err(ca_status)?;
+        let agent = Agent {
+            spiffe_id: agent_id.clone(),
+            status: AgentStatus::Active,
+            assurance: AssuranceLevel::Al1,
+            method: methods::JOIN_TOKEN.into(),
+            serial: issued.serial.clone(),
+            expires_at: issued.not_after,
+            attested_at: now,
+        };
+        self.state
+            .store
+            .create_agent(&agent)
+            .map_err(store_status)?;
+        // Audit.
+        ev.outcome = "ok";
+        ev.serial = Some(issued.serial.clone());
+        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
+        tracing::info!(agent = %agent_id, "agent attested with a join token");
+        Ok(Response::new(pb::AttestResponse {
+            result: Some(pb::attest_response::Result::Svid(self.agent_svid(
+                &issued,
+                &agent_id,
+                AssuranceLevel::Al1,
+            ))),
+            bundle: self.state.bundle().to_spiffe_json(),
+        }))
+    }
 }
 
 fn entry_to_pb(e: &Entry) -> pb::Entry {
@@ -207,115 +525,28 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::AttestResponse>, Status> {
         const METHOD: &str = "node.Attest";
         let req = req.into_inner();
-        let mut ev = AuditEvent {
+        let ev = AuditEvent {
             request_id: request_id(),
             caller: "unauthenticated".into(),
             method: METHOD.into(),
             ..AuditEvent::default()
         };
-        // Validate.
-        if crate::ca::parse_p256_spki(&req.public_key).is_err() {
-            self.audit_denied(ev, "public key is not an ECDSA P-256 SubjectPublicKeyInfo");
-            return Err(Status::invalid_argument(
-                "public_key must be a DER ECDSA P-256 SubjectPublicKeyInfo",
-            ));
-        }
-        let token = match req.method {
-            Some(pb::attest_request::Method::JoinToken(j)) => j.token,
-            Some(pb::attest_request::Method::Tpm(_)) => {
-                self.audit_denied(ev, "TPM attestation is not implemented yet");
-                return Err(Status::unimplemented(
-                    "TPM attestation is not implemented yet",
-                ));
+        match req.method {
+            Some(pb::attest_request::Method::JoinToken(j)) => {
+                self.attest_join_token(ev, j.token, req.public_key)
             }
-            Some(pb::attest_request::Method::ChallengeResponse(_)) => {
-                self.audit_denied(ev, "no challenge is pending");
-                return Err(Status::failed_precondition("no challenge is pending"));
+            Some(pb::attest_request::Method::Tpm(t)) => self.attest_tpm_begin(ev, t),
+            Some(pb::attest_request::Method::ChallengeResponse(c)) => {
+                self.attest_tpm_finish(ev, c, req.public_key)
             }
             None => {
                 self.audit_denied(ev, "no attestation method");
-                return Err(Status::invalid_argument(
+                Err(Status::invalid_argument(
                     "an attestation method is required",
-                ));
-            }
-        };
-        if token.is_empty() || token.len() > 256 {
-            self.audit_denied(ev, "malformed join token");
-            return Err(Status::permission_denied("attestation failed"));
-        }
-        // Attest: one atomic spend.
-        let hash = sha256(token.as_bytes());
-        let token_id = join_token_id(&hash);
-        let agent_id = self
-            .state
-            .td
-            .id(&format!("/agent/join/{token_id}"))
-            .map_err(|_| Status::internal("internal error"))?;
-        ev.spiffe_id = Some(agent_id.to_string());
-        ev.assurance = Some(AssuranceLevel::Al1.acr().into());
-        let now = now_unix();
-        match self
-            .state
-            .store
-            .spend_join_token(&hash, now)
-            .map_err(store_status)?
-        {
-            SpendOutcome::Spent => {}
-            SpendOutcome::AlreadySpent => {
-                self.audit_denied(ev, "join token reuse: already spent");
-                return Err(Status::permission_denied("attestation failed"));
-            }
-            SpendOutcome::Expired => {
-                self.audit_denied(ev, "join token expired");
-                return Err(Status::permission_denied("attestation failed"));
-            }
-            SpendOutcome::Unknown => {
-                ev.spiffe_id = None;
-                self.audit_denied(ev, "unknown join token");
-                return Err(Status::permission_denied("attestation failed"));
+                ))
             }
         }
-        // Act.
-        let issued = self
-            .state
-            .ca
-            .issue(
-                &req.public_key,
-                &agent_id,
-                &[],
-                &[],
-                self.state.agent_svid_ttl,
-                now,
-            )
-            .map_err(ca_status)?;
-        let agent = Agent {
-            spiffe_id: agent_id.clone(),
-            status: AgentStatus::Active,
-            assurance: AssuranceLevel::Al1,
-            method: methods::JOIN_TOKEN.into(),
-            serial: issued.serial.clone(),
-            expires_at: issued.not_after,
-            attested_at: now,
-        };
-        self.state
-            .store
-            .create_agent(&agent)
-            .map_err(store_status)?;
-        // Audit.
-        ev.outcome = "ok";
-        ev.serial = Some(issued.serial.clone());
-        self.state.audit(&ev).map_err(|_| unavailable_audit())?;
-        tracing::info!(agent = %agent_id, "agent attested with a join token");
-        Ok(Response::new(pb::AttestResponse {
-            result: Some(pb::attest_response::Result::Svid(self.agent_svid(
-                &issued,
-                &agent_id,
-                AssuranceLevel::Al1,
-            ))),
-            bundle: self.state.bundle().to_spiffe_json(),
-        }))
     }
-
     async fn renew_agent(
         &self,
         req: Request<pb::RenewAgentRequest>,
@@ -326,6 +557,14 @@ impl pb::node_server::Node for NodeApi {
         let id = caller.agent.spiffe_id.clone();
         let mut ev = caller.event(METHOD);
         ev.spiffe_id = Some(id.to_string());
+        if caller.agent.method == methods::TPM {
+            // Its key must stay certified by the TPM: no renewal for an
+            // uncertified key; a TPM agent attests again instead.
+            self.audit_denied(ev, "TPM agents re-attest instead of renewing");
+            return Err(Status::failed_precondition(
+                "TPM-attested agents renew by attesting again",
+            ));
+        }
         let now = now_unix();
         let issued = self
             .state
@@ -610,6 +849,7 @@ mod tests {
             agent_svid_ttl,
             jwt_issuer: None,
             metrics: Default::default(),
+            tpm: crate::tpm::TpmAttestor::without_cas(),
         });
         let api = NodeApi::new(state.clone());
         let token = "t0k3n";
