@@ -252,14 +252,38 @@ impl SvidResolver {
         })
     }
 
+    /// Starts with a certificate chain (leaf first) whose private key is
+    /// held elsewhere, such as a TPM: `key` signs the handshakes. The caller
+    /// has checked that the leaf certifies `key`.
+    pub fn with_signing_key(
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<dyn rustls::sign::SigningKey>,
+    ) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(CertifiedKey::new(chain, key))),
+        }
+    }
+
+    /// Replaces the presented chain and key (see [`Self::with_signing_key`]).
+    pub fn update_with_signing_key(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: Arc<dyn rustls::sign::SigningKey>,
+    ) {
+        self.set(Arc::new(CertifiedKey::new(chain, key)));
+    }
+
     /// Replaces the presented SVID; new handshakes use it.
     pub fn update(&self, svid: &X509Svid) -> Result<(), TlsError> {
-        let ck = certified_key(svid)?;
+        self.set(certified_key(svid)?);
+        Ok(())
+    }
+
+    fn set(&self, ck: Arc<CertifiedKey>) {
         match self.current.write() {
             Ok(mut g) => *g = ck,
             Err(poisoned) => *poisoned.into_inner() = ck,
         }
-        Ok(())
     }
 
     fn get(&self) -> Arc<CertifiedKey> {

@@ -6,7 +6,9 @@
 //! - X.509-SVIDs are pre-minted for every entry: the key is generated here,
 //!   only the public key goes to the server (`SignX509Svids`, batched), and
 //!   each SVID is re-minted at about half its life, with jitter.
-//! - The agent SVID is renewed the same way (`RenewAgent`, new key).
+//! - The agent SVID is renewed the same way (`RenewAgent`, new key), except
+//!   for agents whose key is held by a TPM: they attest again through their
+//!   [`Reattestor`] (the server refuses `RenewAgent` to them).
 //! - Everything lives in one state file in the data dir (mode 0600, written
 //!   atomically), so a restarted agent serves its cache at once, before it
 //!   reaches the server; while the server is unreachable the last snapshot
@@ -76,6 +78,28 @@ impl StoredSvid {
             key: B64.encode(svid.private_key().secret_pkcs8_der()),
             refresh_at: refresh_at(now_unix(), svid.not_after()),
         }
+    }
+
+    /// Encodes an agent SVID received now whose key is held elsewhere (a
+    /// TPM): no key is stored.
+    pub fn from_external_key(
+        chain: &[rustls_pki_types::CertificateDer<'static>],
+        not_after: i64,
+    ) -> Self {
+        Self {
+            chain: chain.iter().map(|c| B64.encode(c)).collect(),
+            key: String::new(),
+            refresh_at: refresh_at(now_unix(), not_after),
+        }
+    }
+
+    /// The DER chain.
+    pub fn chain_ders(&self) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+        self.chain
+            .iter()
+            .map(|c| B64.decode(c).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
     }
 
     /// Decodes and checks the SVID.
@@ -249,6 +273,24 @@ fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// An agent SVID obtained by attesting again.
+#[derive(Debug, Clone)]
+pub struct Reattested {
+    /// DER chain, leaf first, already checked against the attestor's key.
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// notAfter of the leaf, Unix seconds.
+    pub not_after: i64,
+}
+
+/// How an agent whose SVID key it cannot replace at will (a TPM-resident
+/// key) gets a new agent SVID: by attesting again.
+pub trait Reattestor: Send + Sync + 'static {
+    /// The key the agent SVID certifies; TLS handshakes sign with it.
+    fn signing_key(&self) -> Arc<dyn tokio_rustls::rustls::sign::SigningKey>;
+    /// Attests again, authenticating the server with `bundles`.
+    fn reattest(&self, bundles: Arc<SharedBundles>) -> BoxFuture<'_, Result<Reattested, String>>;
+}
+
 struct Live {
     state: AgentState,
     /// Parsed workload SVIDs and when to replace them.
@@ -279,6 +321,7 @@ struct Inner {
     data_dir: PathBuf,
     td: TrustDomain,
     node: NodeAttestation,
+    reattestor: Option<Arc<dyn Reattestor>>,
     live: Mutex<Live>,
     tx: watch::Sender<Arc<IdentitySnapshot>>,
 }
@@ -301,6 +344,19 @@ impl ServerIdentitySource {
     /// A cache over `state` (loaded or fresh from attestation), talking to
     /// `server`. Publishes the persisted snapshot at once.
     pub fn new(server: &str, state: AgentState, data_dir: PathBuf) -> Result<Self, String> {
+        Self::with_reattestor(server, state, data_dir, None)
+    }
+
+    /// Like [`Self::new`]; with a `reattestor`, the agent SVID's key is the
+    /// reattestor's and a due agent SVID is replaced by attesting again
+    /// instead of `RenewAgent`. The first sync re-attests at once when
+    /// `state.agent_svid.refresh_at` is 0.
+    pub fn with_reattestor(
+        server: &str,
+        state: AgentState,
+        data_dir: PathBuf,
+        reattestor: Option<Arc<dyn Reattestor>>,
+    ) -> Result<Self, String> {
         let td = state.td()?;
         let level: AssuranceLevel = state
             .assurance
@@ -310,8 +366,12 @@ impl ServerIdentitySource {
             level,
             method: state.method.clone(),
         };
-        let agent_svid = state.agent_svid.to_svid()?;
-        let resolver = Arc::new(SvidResolver::new(&agent_svid).map_err(|e| e.to_string())?);
+        let resolver = Arc::new(match &reattestor {
+            None => SvidResolver::new(&state.agent_svid.to_svid()?).map_err(|e| e.to_string())?,
+            Some(r) => {
+                SvidResolver::with_signing_key(state.agent_svid.chain_ders()?, r.signing_key())
+            }
+        });
         let bundle = state.parsed_bundle()?;
         let tls_bundles = Arc::new(SharedBundles::new([bundle].into_iter().collect()));
         let client = std::sync::RwLock::new(
@@ -341,6 +401,7 @@ impl ServerIdentitySource {
                 data_dir,
                 td,
                 node,
+                reattestor,
                 live: Mutex::new(live),
                 tx,
             }),
@@ -427,24 +488,41 @@ impl ServerIdentitySource {
 
         // Agent SVID.
         if now >= self.lock().agent_refresh_at {
-            let key = PrivateKey::generate_p256().map_err(|e| SyncError::Invalid(e.to_string()))?;
-            let spki = p256_spki_der(
-                &key.public_key_sec1()
-                    .map_err(|e| SyncError::Invalid(e.to_string()))?,
-            );
-            let resp = api
-                .renew_agent(pb::RenewAgentRequest { public_key: spki })
-                .await?
-                .into_inner();
-            let svid = resp
-                .svid
-                .ok_or_else(|| SyncError::Invalid("no agent SVID".into()))?;
-            let svid = X509Svid::new(svid.cert_chain.into_iter().map(Into::into).collect(), key)
-                .map_err(|e| SyncError::Invalid(e.to_string()))?;
-            self.inner
-                .resolver
-                .update(&svid)
-                .map_err(|e| SyncError::Invalid(e.to_string()))?;
+            let stored = match &self.inner.reattestor {
+                Some(r) => {
+                    let fresh = r
+                        .reattest(self.inner.tls_bundles.clone())
+                        .await
+                        .map_err(SyncError::Invalid)?;
+                    self.inner
+                        .resolver
+                        .update_with_signing_key(fresh.chain.clone(), r.signing_key());
+                    StoredSvid::from_external_key(&fresh.chain, fresh.not_after)
+                }
+                None => {
+                    let key = PrivateKey::generate_p256()
+                        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+                    let spki = p256_spki_der(
+                        &key.public_key_sec1()
+                            .map_err(|e| SyncError::Invalid(e.to_string()))?,
+                    );
+                    let resp = api
+                        .renew_agent(pb::RenewAgentRequest { public_key: spki })
+                        .await?
+                        .into_inner();
+                    let svid = resp
+                        .svid
+                        .ok_or_else(|| SyncError::Invalid("no agent SVID".into()))?;
+                    let svid =
+                        X509Svid::new(svid.cert_chain.into_iter().map(Into::into).collect(), key)
+                            .map_err(|e| SyncError::Invalid(e.to_string()))?;
+                    self.inner
+                        .resolver
+                        .update(&svid)
+                        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+                    StoredSvid::from_svid(&svid)
+                }
+            };
             // New connection, new certificate.
             let fresh = NodeClient::new(
                 &self.inner.server,
@@ -460,11 +538,13 @@ impl ServerIdentitySource {
                 .unwrap_or_else(PoisonError::into_inner) = fresh;
             api = self.api();
             let mut live = self.lock();
-            let stored = StoredSvid::from_svid(&svid);
             live.agent_refresh_at = stored.refresh_at;
             live.state.agent_svid = stored;
             live.state.save(&self.inner.data_dir)?;
-            tracing::info!(not_after = svid.not_after(), "agent SVID renewed");
+            tracing::info!(
+                reattested = self.inner.reattestor.is_some(),
+                "agent SVID replaced"
+            );
         }
 
         // Bundle.

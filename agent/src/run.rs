@@ -62,7 +62,11 @@ pub struct RunArgs {
     /// How often to sync with the server, e.g. 5s. Default 5s.
     #[arg(long, value_name = "DURATION")]
     pub sync_interval: Option<String>,
-    /// TPM TCTI (needs the `tpm` build feature).
+    /// Attest with the TPM behind this TCTI instead of a join token, e.g.
+    /// device:/dev/tpmrm0 (the kernel resource manager) or
+    /// swtpm:host=127.0.0.1,port=2321. The agent SVID's key then lives in
+    /// the TPM, and a restart attests again without a token. Needs the
+    /// `tpm` build feature.
     #[arg(long, value_name = "TCTI")]
     pub tpm: Option<String>,
 }
@@ -92,6 +96,8 @@ pub struct Config {
     data_dir: PathBuf,
     audit_log: PathBuf,
     sync_interval: Duration,
+    #[cfg_attr(not(feature = "tpm"), allow(dead_code))]
+    tpm: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
@@ -120,8 +126,11 @@ impl Config {
             .with_context(|| format!("parsing {}", p.display()))?,
             None => FileConfig::default(),
         };
-        if args.tpm.as_ref().or(file.tpm.as_ref()).is_some() {
-            bail!("--tpm: TPM node attestation is not available in this build of sigil-agent");
+        let tpm = args.tpm.or(file.tpm);
+        if cfg!(not(feature = "tpm")) && tpm.is_some() {
+            bail!(
+                "--tpm: this sigil-agent was built without TPM support (rebuild with `--features tpm`)"
+            );
         }
         let data_dir = args
             .data_dir
@@ -150,6 +159,7 @@ impl Config {
                     .unwrap_or("5s"),
             )?,
             data_dir,
+            tpm,
         })
     }
 }
@@ -172,11 +182,9 @@ fn private_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Attests with a join token and returns the initial state.
-pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
-    let token = cfg.join_token.as_deref().ok_or_else(|| {
-        anyhow!("this agent has no identity yet: pass --join-token (from `sigil token create`)")
-    })?;
+/// The trust domain and the server-authenticating bundle of a first start:
+/// `--trust-domain` and `--trust-bundle` (no trust on first use).
+fn first_start_trust(cfg: &Config) -> Result<(TrustDomain, Arc<SharedBundles>)> {
     let td_name = cfg
         .trust_domain
         .as_deref()
@@ -203,6 +211,15 @@ pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
         .into_iter()
         .collect(),
     ));
+    Ok((td, trust))
+}
+
+/// Attests with a join token and returns the initial state.
+pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
+    let token = cfg.join_token.as_deref().ok_or_else(|| {
+        anyhow!("this agent has no identity yet: pass --join-token (from `sigil token create`)")
+    })?;
+    let (td, trust) = first_start_trust(cfg)?;
     let client = NodeClient::new(&cfg.server, &td, trust, None)?;
     let key = PrivateKey::generate_p256()?;
     let spki = p256_spki_der(&key.public_key_sec1()?);
@@ -240,23 +257,111 @@ pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
     })
 }
 
+/// The state of a join-token agent: from the data dir, or from attesting
+/// with the join token on the first start.
+async fn join_token_state(cfg: &Config) -> Result<AgentState> {
+    Ok(
+        match AgentState::load(&cfg.data_dir).map_err(|e| anyhow!(e))? {
+            Some(s) if s.method == "tpm" => bail!(
+                "the identity in {} is bound to a TPM: pass --tpm TCTI",
+                cfg.data_dir.display()
+            ),
+            Some(s) => {
+                tracing::info!(agent_id = %s.agent_id, "resuming with the identity in the data dir");
+                s
+            }
+            None => {
+                let s = attest_join_token(cfg).await?;
+                s.save(&cfg.data_dir).context("saving the agent state")?;
+                s
+            }
+        },
+    )
+}
+
+/// The state of a TPM agent and its attestor. The agent key is loaded from
+/// (or created in) the data dir. On the first start the node attests with
+/// the TPM; on a restart the stored state is served at once and the first
+/// sync attests again (no token: the TPM is the credential).
+#[cfg(feature = "tpm")]
+async fn tpm_state(
+    cfg: &Config,
+    tcti: &str,
+) -> Result<(AgentState, Arc<dyn crate::cache::Reattestor>)> {
+    use crate::tpm::{Tpm, TpmNodeAttestor};
+    let (tcti_owned, dir) = (tcti.to_owned(), cfg.data_dir.clone());
+    let (tpm, key) = tokio::task::spawn_blocking(move || {
+        let tpm = Tpm::open(&tcti_owned)?;
+        let key = tpm.load_or_create_agent_key(&dir)?;
+        Ok::<_, crate::tpm::TpmError>((tpm, key))
+    })
+    .await
+    .context("TPM task")?
+    .with_context(|| format!("TPM {tcti}"))?;
+    match AgentState::load(&cfg.data_dir).map_err(|e| anyhow!(e))? {
+        Some(mut s) => {
+            if s.method != "tpm" {
+                bail!(
+                    "the identity in {} came from a {} attestation; TPM attestation needs its own --data-dir",
+                    cfg.data_dir.display(),
+                    s.method
+                );
+            }
+            let td = s.td().map_err(|e| anyhow!(e))?;
+            let attestor = TpmNodeAttestor::new(tpm, key, &cfg.server, td).await?;
+            if attestor.agent_id().as_str() != s.agent_id {
+                bail!(
+                    "the identity in {} ({}) is not this TPM's ({})",
+                    cfg.data_dir.display(),
+                    s.agent_id,
+                    attestor.agent_id()
+                );
+            }
+            tracing::info!(agent_id = %s.agent_id, "resuming with the identity in the data dir; attesting again with the TPM");
+            s.agent_svid.refresh_at = 0;
+            Ok((s, Arc::new(attestor)))
+        }
+        None => {
+            let (td, trust) = first_start_trust(cfg)?;
+            let attestor = TpmNodeAttestor::new(tpm, key, &cfg.server, td.clone()).await?;
+            let done = attestor.attest(trust).await?;
+            Bundle::from_spiffe_json(td.clone(), done.bundle.as_bytes())
+                .context("server bundle")?;
+            tracing::info!(agent_id = %done.agent_id, assurance = %done.assurance_level, "attested with the TPM");
+            let s = AgentState {
+                trust_domain: td.name().to_owned(),
+                agent_id: done.agent_id.to_string(),
+                assurance: done.assurance_level,
+                method: "tpm".into(),
+                agent_svid: StoredSvid::from_external_key(&done.svid.chain, done.svid.not_after),
+                bundle: done.bundle,
+                revision: 0,
+                entries: Default::default(),
+                svids: Default::default(),
+            };
+            s.save(&cfg.data_dir).context("saving the agent state")?;
+            Ok((s, Arc::new(attestor)))
+        }
+    }
+}
+
 /// Runs the agent until Ctrl-C / SIGTERM.
 pub async fn run(args: RunArgs) -> Result<()> {
     let cfg = Config::resolve(args)?;
     private_dir(&cfg.data_dir)?;
-    let state = match AgentState::load(&cfg.data_dir).map_err(|e| anyhow!(e))? {
-        Some(s) => {
-            tracing::info!(agent_id = %s.agent_id, "resuming with the identity in the data dir");
-            s
+    let (state, reattestor) = match &cfg.tpm {
+        None => (join_token_state(&cfg).await?, None),
+        #[cfg(feature = "tpm")]
+        Some(tcti) => {
+            let (state, attestor) = tpm_state(&cfg, tcti).await?;
+            (state, Some(attestor))
         }
-        None => {
-            let s = attest_join_token(&cfg).await?;
-            s.save(&cfg.data_dir).context("saving the agent state")?;
-            s
-        }
+        #[cfg(not(feature = "tpm"))]
+        Some(_) => bail!("--tpm: this sigil-agent was built without TPM support"),
     };
-    let source = ServerIdentitySource::new(&cfg.server, state, cfg.data_dir.clone())
-        .map_err(|e| anyhow!(e))?;
+    let source =
+        ServerIdentitySource::with_reattestor(&cfg.server, state, cfg.data_dir.clone(), reattestor)
+            .map_err(|e| anyhow!(e))?;
     let sync = tokio::spawn(source.clone().run(cfg.sync_interval));
     let audit = Arc::new(
         JsonLinesAudit::append_to(&cfg.audit_log)
@@ -322,5 +427,20 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         // No server anywhere.
         assert!(Config::resolve(RunArgs::default()).is_err());
+    }
+
+    #[test]
+    fn tpm_flag_needs_the_tpm_feature() {
+        let r = Config::resolve(RunArgs {
+            server: Some("127.0.0.1:1".into()),
+            tpm: Some("device:/dev/tpmrm0".into()),
+            ..RunArgs::default()
+        });
+        if cfg!(feature = "tpm") {
+            assert_eq!(r.unwrap().tpm.as_deref(), Some("device:/dev/tpmrm0"));
+        } else {
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(e.contains("built without TPM support"), "{e}");
+        }
     }
 }

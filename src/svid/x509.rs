@@ -252,6 +252,22 @@ impl X509Svid {
         })
     }
 
+    /// Checks a chain whose private key is held elsewhere (a TPM): the
+    /// SPIFFE certificate rules, and that the leaf certifies
+    /// `public_key_sec1` (uncompressed point). Returns the SPIFFE ID and
+    /// notAfter (Unix seconds). Like [`Self::new`], it does not check the
+    /// chain against a bundle.
+    pub fn check_external_key(
+        chain: &[CertificateDer<'_>],
+        public_key_sec1: &[u8],
+    ) -> Result<(SpiffeId, i64), X509SvidError> {
+        let leaf = check_chain(chain)?;
+        if leaf.public_key != public_key_sec1 {
+            return Err(X509SvidError::KeyMismatch);
+        }
+        Ok((leaf.id, leaf.not_after))
+    }
+
     /// From the Workload API's encoding: concatenated DER chain + PKCS#8 DER.
     pub fn from_der(chain: &[u8], key_pkcs8: &[u8]) -> Result<Self, X509SvidError> {
         let certs =

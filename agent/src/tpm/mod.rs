@@ -23,9 +23,11 @@
 mod agent_key;
 mod attest;
 mod der;
+mod node;
 
 pub use agent_key::{AGENT_KEY_PRIV, AGENT_KEY_PUB, AgentKey, TpmSigningKey};
 pub use attest::Attestation;
+pub use node::{TpmAttestError, TpmAttested, TpmNodeAttestor};
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
