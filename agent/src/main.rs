@@ -15,6 +15,7 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start")]
 enum Command {
     /// Attest to the server (first start) and serve the Workload API.
     Run(sigil_agent::run::RunArgs),
