@@ -1,0 +1,299 @@
+//! TPM node attestation end to end: the real `sigil-server`, `sigil` and
+//! `sigil-agent --tpm` binaries against a real swtpm. Build them first
+//! (`cargo build -p sigil-server -p sigil-cli -p sigil-agent --features
+//! sigil-agent/tpm`); the test fails with that hint when one is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::swtpm::Swtpm;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TD: &str = "tpm-e2e.sigil.test";
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p sigil-server -p sigil-cli",
+        path.display()
+    );
+    path
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn tail(p: &Path) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+    port: u16,
+    _server: Kill,
+}
+
+impl Env {
+    fn start(server_extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("server.log");
+        let mut server = Kill(
+            Command::new(bin("sigil-server"))
+                .arg("run")
+                .arg("--data-dir")
+                .arg(dir.path().join("server"))
+                .args(["--trust-domain", TD])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--admin-socket")
+                .arg(dir.path().join("admin.sock"))
+                .args(server_extra)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(std::os::unix::net::UnixStream::connect(dir.path().join("admin.sock")).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        {
+            assert!(
+                server.0.try_wait().unwrap().is_none(),
+                "server exited:\n{}",
+                tail(&log)
+            );
+            assert!(Instant::now() < deadline, "server not ready");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let env = Self {
+            dir,
+            port,
+            _server: server,
+        };
+        let pem = env.cli_ok(&["bundle", "show", "--format", "pem"]);
+        std::fs::write(env.dir.path().join("bundle.pem"), pem).unwrap();
+        env
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sigil"))
+            .args(args)
+            .env("SIGIL_ADMIN_SOCKET", self.dir.path().join("admin.sock"))
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", self.api_socket().display()),
+            )
+            .output()
+            .unwrap()
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "sigil {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn api_socket(&self) -> PathBuf {
+        self.dir.path().join("agent/api.sock")
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("agent/data")
+    }
+
+    fn agent_cmd(&self, tcti: &str, log: &Path) -> Command {
+        let mut cmd = Command::new(bin("sigil-agent"));
+        cmd.arg("run")
+            .arg("--server")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["--trust-domain", TD])
+            .arg("--trust-bundle")
+            .arg(self.dir.path().join("bundle.pem"))
+            .arg("--socket")
+            .arg(self.api_socket())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--sync-interval", "300ms", "--tpm", tcti])
+            .env_remove("SIGIL_JOIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        cmd
+    }
+
+    fn start_agent(&self, tcti: &str, log: &Path) -> Kill {
+        let _ = std::fs::remove_file(self.api_socket());
+        let mut agent = Kill(self.agent_cmd(tcti, log).spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(self.api_socket()).is_err() {
+            assert!(
+                agent.0.try_wait().unwrap().is_none(),
+                "agent exited:\n{}",
+                tail(log)
+            );
+            assert!(Instant::now() < deadline, "agent not ready");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        agent
+    }
+
+    /// Waits until `sigil fetch x509` gets an SVID for `id` from the agent.
+    fn wait_for_svid(&self, id: &str, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self.cli(&["fetch", "x509"]);
+            if o.status.success() && String::from_utf8_lossy(&o.stdout).contains(id) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no SVID for {id}: {}\n--- agent log ---\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                tail(log)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    tempfile::NamedTempFile::new()
+        .unwrap()
+        .as_file()
+        .metadata()
+        .unwrap()
+        .uid()
+}
+
+fn ek_hash(tcti: &str) -> String {
+    let o = Command::new(bin("sigil-agent"))
+        .args(["tpm", "ek-hash", "--tpm", tcti])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn tpm_agent_attests_serves_svids_and_reattests_after_restart_without_a_token() {
+    let env = Env::start(&[]);
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let hash = ek_hash(&tcti);
+    assert_eq!(hash.len(), 64);
+    env.cli_ok(&["tpm", "allow", &hash]);
+    let agent_id = format!("spiffe://{TD}/agent/tpm/{hash}");
+
+    let log = env.dir.path().join("agent.log");
+    let agent = env.start_agent(&tcti, &log);
+    let agents = env.cli_ok(&["agent", "list", "--output", "json"]);
+    assert!(agents.contains(&agent_id), "{agents}");
+
+    // The agent SVID's key is in the TPM: the state file holds none.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data_dir().join("agent-state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["method"], "tpm");
+    assert_eq!(state["agent_svid"]["key"], "");
+
+    // Workload SVIDs need mTLS to the server with that TPM key.
+    let uid = uid();
+    let sel = format!("unix:uid:{uid}");
+    let wl = format!("spiffe://{TD}/workload/tpm-e2e");
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        &wl,
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &sel,
+    ];
+    if uid == 0 {
+        args.push("--allow-root");
+    }
+    env.cli_ok(&args);
+    env.wait_for_svid(&wl, &log);
+
+    // Restart: no token anywhere, the TPM attests again.
+    drop(agent);
+    let log2 = env.dir.path().join("agent2.log");
+    let _agent = env.start_agent(&tcti, &log2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log2)
+        .unwrap_or_default()
+        .contains("attested again with the TPM")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no re-attestation:\n{}",
+            tail(&log2)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.wait_for_svid(&wl, &log2);
+}
+
+#[test]
+fn tpm_whose_ek_is_not_allowed_is_refused() {
+    let env = Env::start(&[]);
+    let swtpm = Swtpm::start();
+    let log = env.dir.path().join("agent.log");
+    let out = env
+        .agent_cmd(&swtpm.tcti(), &log)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("attestation refused"), "{err}");
+    assert!(!env.data_dir().join("agent-state.json").exists());
+    let agents = env.cli_ok(&["agent", "list", "--output", "json"]);
+    assert!(!agents.contains("/agent/tpm/"), "{agents}");
+}
+
+#[test]
+fn tpm_with_an_ek_certificate_from_a_configured_ca_attests_without_the_allow_list() {
+    let swtpm = Swtpm::start_with_ek_cert();
+    let (_root, issuer) = swtpm.ek_ca_certs().unwrap();
+    let env = Env::start(&["--tpm-ek-ca", issuer.to_str().unwrap()]);
+    let hash = ek_hash(&swtpm.tcti());
+    let log = env.dir.path().join("agent.log");
+    let _agent = env.start_agent(&swtpm.tcti(), &log);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data_dir().join("agent-state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["agent_id"],
+        format!("spiffe://{TD}/agent/tpm/{hash}").as_str()
+    );
+    // An EK certificate from a configured manufacturer CA ranks above the
+    // allow-list.
+    assert_eq!(state["assurance"], "sigil:al3", "{state}");
+}
