@@ -297,3 +297,82 @@ fn tpm_with_an_ek_certificate_from_a_configured_ca_attests_without_the_allow_lis
     // allow-list.
     assert_eq!(state["assurance"], "sigil:al3", "{state}");
 }
+
+#[test]
+fn tpm_agent_attests_again_before_its_svid_expires() {
+    // 10 s agent SVIDs: the agent must replace its SVID by attesting again
+    // (the server refuses RenewAgent to TPM agents) at about half life.
+    let env = Env::start(&["--agent-svid-ttl", "10s"]);
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    env.cli_ok(&["tpm", "allow", &ek_hash(&tcti)]);
+    let log = env.dir.path().join("agent.log");
+    let _agent = env.start_agent(&tcti, &log);
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data_dir().join("agent-state.json")).unwrap())
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("attested again with the TPM")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no re-attestation:\n{}",
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.data_dir().join("agent-state.json")).unwrap(),
+        )
+        .unwrap();
+        if now["agent_svid"]["chain"] != first["agent_svid"]["chain"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent SVID not replaced");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    // No failed sync: RenewAgent (refused to TPM agents) was never tried.
+    assert!(
+        !log_text.contains("sync with the server failed"),
+        "{log_text}"
+    );
+    // Still talking to the server over mTLS with the new SVID: entries sync.
+    let uid = uid();
+    let sel = format!("unix:uid:{uid}");
+    let wl = format!("spiffe://{TD}/workload/after-reattest");
+    let hash = ek_hash_from_state(&env);
+    let agent_id = format!("spiffe://{TD}/agent/tpm/{hash}");
+    let mut args = vec![
+        "entry",
+        "create",
+        "--spiffe-id",
+        &wl,
+        "--parent-id",
+        &agent_id,
+        "--selector",
+        &sel,
+    ];
+    if uid == 0 {
+        args.push("--allow-root");
+    }
+    env.cli_ok(&args);
+    env.wait_for_svid(&wl, &log);
+}
+
+fn ek_hash_from_state(env: &Env) -> String {
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data_dir().join("agent-state.json")).unwrap())
+            .unwrap();
+    s["agent_id"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}

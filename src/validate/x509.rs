@@ -499,4 +499,33 @@ pub(crate) mod tests {
             X509SvidError::EmptyChain
         );
     }
+
+    #[test]
+    fn svid_with_external_key() {
+        let ca_a = ca("example.org");
+        let (leaf, key) = sign(&good_leaf("spiffe://example.org/w"), &ca_a);
+        let (id, not_after) =
+            X509Svid::check_external_key(std::slice::from_ref(&leaf), key.public_key_raw())
+                .unwrap();
+        assert_eq!(id.as_str(), "spiffe://example.org/w");
+        assert!(not_after > 0);
+        // Another key, no chain, or a chain that breaks the SPIFFE rules.
+        let other = PrivateKey::generate_p256().unwrap();
+        assert_eq!(
+            X509Svid::check_external_key(
+                std::slice::from_ref(&leaf),
+                &other.public_key_sec1().unwrap()
+            )
+            .unwrap_err(),
+            X509SvidError::KeyMismatch
+        );
+        assert_eq!(
+            X509Svid::check_external_key(&[], key.public_key_raw()).unwrap_err(),
+            X509SvidError::EmptyChain
+        );
+        let mut no_uri = good_leaf("spiffe://example.org/w");
+        no_uri.subject_alt_names.clear();
+        let (bad, key) = sign(&no_uri, &ca_a);
+        assert!(X509Svid::check_external_key(&[bad], key.public_key_raw()).is_err());
+    }
 }
