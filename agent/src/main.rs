@@ -28,7 +28,9 @@ enum Command {
 enum TpmCommand {
     /// Print this TPM's EK hash (lowercase hex SHA-256 of the EK's DER
     /// SubjectPublicKeyInfo): allow it on the server with `sigil tpm allow`;
-    /// the agent will be spiffe://<td>/agent/tpm/<hash>.
+    /// the agent will be spiffe://<td>/agent/tpm/<hash>. A TPM without a
+    /// resource manager (swtpm) serves one client at a time: run this
+    /// before the agent starts.
     EkHash {
         /// TCTI of the TPM, e.g. device:/dev/tpmrm0 or
         /// swtpm:host=127.0.0.1,port=2321.

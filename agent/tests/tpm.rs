@@ -399,8 +399,8 @@ fn agent_key_cannot_be_duplicated_out_of_the_tpm() {
 #[test]
 fn leftover_transient_handles_of_a_crashed_client_are_flushed_at_open() {
     let swtpm = Swtpm::start();
-    // A client that creates three transient objects and dies without
-    // flushing them (process exit: no destructors run).
+    // A client that creates three transient objects and a session and dies
+    // without flushing them (process exit: no destructors run).
     let status = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -415,6 +415,7 @@ fn leftover_transient_handles_of_a_crashed_client_are_flushed_at_open() {
 
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
     assert_eq!(tpm.transient_handles().unwrap(), 0);
+    assert_eq!(tpm.loaded_sessions().unwrap(), 0);
     // The TPM has room again: agent key + EK + AK = 3 objects.
     let dir = tempfile::tempdir().unwrap();
     let key = tpm.load_or_create_agent_key(dir.path()).unwrap();

@@ -178,6 +178,11 @@ impl Tpm {
     pub fn transient_handles(&self) -> Result<usize, TpmError> {
         Ok(handles(&mut self.lock(), TPM2_TRANSIENT_FIRST)?.len())
     }
+
+    /// The number of sessions loaded in the TPM now (tests, diagnostics).
+    pub fn loaded_sessions(&self) -> Result<usize, TpmError> {
+        Ok(handles(&mut self.lock(), TPM2_LOADED_SESSION_FIRST)?.len())
+    }
 }
 
 fn handles(ctx: &mut Context, first: u32) -> Result<Vec<TpmHandle>, TpmError> {
