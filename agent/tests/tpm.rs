@@ -339,6 +339,15 @@ fn agent_key_survives_a_new_process_from_its_blobs_and_only_on_its_tpm() {
         tpm2.load_agent_key(dir.path()),
         Err(TpmError::CorruptBlob(_))
     ));
+    // load_or_create replaces an unusable key with a new one and saves it.
+    let fresh = tpm2.load_or_create_agent_key(dir.path()).unwrap();
+    assert_ne!(fresh.spki_der(), spki);
+    let fresh_spki = fresh.spki_der().to_vec();
+    drop(fresh);
+    assert_eq!(
+        tpm2.load_agent_key(dir.path()).unwrap().spki_der(),
+        fresh_spki
+    );
 }
 
 #[test]

@@ -150,7 +150,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TpmError> {
         path: path.to_owned(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -185,11 +187,24 @@ impl Tpm {
     }
 
     /// Loads the agent key saved in `dir`, or creates one and saves its
-    /// blobs there (mode 0600) if there is none.
+    /// blobs there (mode 0600) if there is none, or if the saved one is
+    /// incomplete, corrupt or not loadable (the TPM's owner hierarchy was
+    /// cleared). Replacing the key is safe: every attestation certifies the
+    /// current key with the AK, and the agent attests at every start.
     pub fn load_or_create_agent_key(&self, dir: &Path) -> Result<AgentKey, TpmError> {
         let (pub_path, priv_path) = (dir.join(AGENT_KEY_PUB), dir.join(AGENT_KEY_PRIV));
         if pub_path.exists() || priv_path.exists() {
-            return self.load_agent_key(dir);
+            match self.load_agent_key(dir) {
+                Ok(key) => return Ok(key),
+                Err(
+                    e @ (TpmError::Blob { .. }
+                    | TpmError::CorruptBlob(_)
+                    | TpmError::Command { .. }),
+                ) => {
+                    tracing::warn!(error = %e, "the saved TPM agent key cannot be used; creating a new one");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let template = agent_key_template()?;
         let (public, private, handle) = self.with_srk(|ctx, srk| {
