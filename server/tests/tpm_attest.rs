@@ -506,3 +506,156 @@ async fn ek_certificate_from_a_configured_manufacturer_ranks_highest() {
         .unwrap();
     assert_eq!(svid.assurance_level, "sigil:al2");
 }
+
+async fn entry(server: &Server, agent: &str, id: &str, binding: &str) {
+    server
+        .admin()
+        .await
+        .create_entry(admin::CreateEntryRequest {
+            spiffe_id: id.into(),
+            parent_id: agent.into(),
+            selectors: vec!["unix:uid:1000".into()],
+            audiences: vec!["ehr-fhir".into()],
+            key_binding: binding.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+fn mint(id: &str, jkt: &str) -> node::MintJwtSvidRequest {
+    node::MintJwtSvidRequest {
+        spiffe_id: id.into(),
+        audience: "ehr-fhir".into(),
+        cnf_jkt: jkt.into(),
+    }
+}
+
+#[tokio::test]
+async fn tpm_bound_entries_get_key_bound_tokens_only_on_tpm_agents() {
+    let server = Server::start();
+    let (mut c, ca) = anon(&server).await;
+    let tpm = Tpm::new();
+    allow(&server, &tpm.hash()).await;
+    let key = SoftKey::new(KEY_ATTRS, NULL);
+    let svid = attest(&mut c, &tpm, &key).await.unwrap();
+    let agent = Agent {
+        id: svid.spiffe_id.clone(),
+        chain: svid
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect(),
+        key: Key {
+            kp: rcgen::KeyPair::try_from(key.pkcs8().as_slice()).unwrap(),
+        },
+    };
+    let bound = format!("spiffe://{TD}/bound");
+    let plain = format!("spiffe://{TD}/plain");
+    entry(&server, &agent.id, &bound, "tpm").await;
+    entry(&server, &agent.id, &plain, "").await;
+    let mut api = agent.client(&server, &ca, Arc::default()).await;
+
+    // The workload's TPM key thumbprint goes into cnf.
+    let workload_key = sigil::validate::pop::SoftwareProofKey::generate().unwrap();
+    let jkt = sigil::validate::pop::key_thumbprint(&workload_key);
+    let t = api
+        .mint_jwt_svid(mint(&bound, &jkt))
+        .await
+        .unwrap()
+        .into_inner();
+    let bundles = {
+        let b = api
+            .fetch_bundle(node::FetchBundleRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let b = sigil::Bundle::from_spiffe_json(
+            sigil::TrustDomain::new(TD).unwrap(),
+            b.bundle.as_bytes(),
+        )
+        .unwrap();
+        [b].into_iter().collect::<sigil::BundleSet>()
+    };
+    let v = sigil::JwtSvidValidator::new("ehr-fhir");
+    // Alone, the token is refused; with a proof by the key, accepted.
+    assert_eq!(
+        v.validate(&t.token, &bundles, std::time::SystemTime::now()),
+        Err(sigil::JwtSvidError::ProofRequired)
+    );
+    let req = sigil::validate::pop::ProofRequest {
+        method: "GET",
+        uri: "https://ehr.example/fhir/Patient",
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let proof = sigil::validate::pop::build_proof(&workload_key, &t.token, &req, now).unwrap();
+    let ok = v
+        .validate_with_proof(
+            &t.token,
+            Some(&proof),
+            &req,
+            &bundles,
+            std::time::SystemTime::now(),
+            None,
+        )
+        .unwrap();
+    assert_eq!(ok.cnf_jkt(), Some(jkt.as_str()));
+    assert_eq!(ok.amr(), ["tpm", "peercred", "hwk"]);
+
+    // A bound entry without a thumbprint, a plain entry with one.
+    let e = api.mint_jwt_svid(mint(&bound, "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = api.mint_jwt_svid(mint(&plain, &jkt)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = api
+        .mint_jwt_svid(mint(&bound, "not-a-thumbprint"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // The plain entry's tokens carry no cnf.
+    let t = api
+        .mint_jwt_svid(mint(&plain, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        v.validate(&t.token, &bundles, std::time::SystemTime::now())
+            .is_ok()
+    );
+
+    // A join-token agent gets nothing for a TPM-bound entry: no JWT, no
+    // X.509-SVID.
+    let joined = attest_join(&server, &ca).await;
+    let jbound = format!("spiffe://{TD}/joined-bound");
+    entry(&server, &joined.id, &jbound, "tpm").await;
+    let mut japi = joined.client(&server, &ca, Arc::default()).await;
+    let e = japi.mint_jwt_svid(mint(&jbound, &jkt)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let entries = japi
+        .sync_entries(node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(entries.entries[0].key_binding, "tpm");
+    let r = japi
+        .sign_x509_svids(node::SignX509SvidsRequest {
+            requests: vec![node::X509SvidRequest {
+                entry_id: entries.entries[0].id.clone(),
+                public_key: Key::new().spki(),
+                csr: Vec::new(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].cert_chain.is_empty());
+    assert!(r.results[0].error.contains("TPM"), "{}", r.results[0].error);
+}
+
+async fn attest_join(server: &Server, ca: &CertificateDer<'static>) -> Agent {
+    common::attest(server, ca).await
+}
