@@ -17,6 +17,7 @@ mod proto {
         "proto/spiffe/workload/workload.proto",
         "proto/sigil/node/v1/node.proto",
         "proto/sigil/admin/v1/admin.proto",
+        "proto/sigil/workload/v1/keys.proto",
     ];
 
     pub fn generate() -> Result<(), Box<dyn std::error::Error>> {

@@ -16,8 +16,12 @@
 //! 2. validates the token with [`JwtSvidValidator`] against the current
 //!    bundles of the [`BundleSource`] and this tool's audience (any failure →
 //!    401 `invalid_token`);
-//! 3. refuses tokens bound to a key (`cnf`) — proof-of-possession is not
-//!    verified by this layer yet, so such tokens fail closed (401);
+//! 3. for a token bound to a key (`cnf.jkt`, a TPM-bound workload key),
+//!    requires `Authorization: DPoP <token>` and exactly one `DPoP` proof
+//!    header (RFC 9449) signed by that key for this request (method, and
+//!    the URI formed from [`JwtSvidLayer::with_proof_origin`] and the
+//!    request path), fresh and never seen before (an in-memory replay
+//!    cache); without a configured origin such tokens fail closed (401);
 //! 4. applies the [`Policy`] (trust domain, SPIFFE IDs, minimum assurance,
 //!    or a closure; refusal → 403 `insufficient_scope`);
 //! 5. puts the [`VerifiedJwtSvid`] into the request extensions and calls the
@@ -32,7 +36,8 @@
 use crate::assurance::AssuranceLevel;
 use crate::id::{SpiffeId, TrustDomain};
 use crate::source::BundleSource;
-use crate::validate::jwt::{JwtSvidValidator, VerifiedJwtSvid};
+use crate::validate::jwt::{JwtSvidError, JwtSvidValidator, VerifiedJwtSvid};
+use crate::validate::pop::{ProofRequest, ReplayCache};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use std::future::Future;
 use std::pin::Pin;
@@ -129,6 +134,10 @@ struct Shared<P> {
     validator: JwtSvidValidator,
     bundles: Arc<dyn BundleSource>,
     policy: P,
+    /// `scheme://host[:port]` clients use to reach this tool: the prefix of
+    /// the `htu` a proof must name. None: key-bound tokens are refused.
+    origin: Option<String>,
+    replay: Arc<ReplayCache>,
 }
 
 /// The layer. Cheap to clone.
@@ -167,6 +176,8 @@ impl JwtSvidLayer<AllowAll> {
                 validator,
                 bundles,
                 policy: AllowAll,
+                origin: None,
+                replay: Arc::new(ReplayCache::default()),
             }),
         }
     }
@@ -180,6 +191,27 @@ impl<P: Policy> JwtSvidLayer<P> {
                 validator: self.shared.validator.clone(),
                 bundles: self.shared.bundles.clone(),
                 policy,
+                origin: self.shared.origin.clone(),
+                replay: self.shared.replay.clone(),
+            }),
+        }
+    }
+
+    /// Accepts key-bound tokens (`cnf`) with a DPoP proof naming
+    /// `origin` + the request path, e.g. `https://ehr.example` (the
+    /// scheme, host and port clients use, as seen before any proxy).
+    pub fn with_proof_origin(self, origin: impl Into<String>) -> Self
+    where
+        P: Clone,
+    {
+        let origin = origin.into().trim_end_matches('/').to_owned();
+        JwtSvidLayer {
+            shared: Arc::new(Shared {
+                validator: self.shared.validator.clone(),
+                bundles: self.shared.bundles.clone(),
+                policy: self.shared.policy.clone(),
+                origin: Some(origin),
+                replay: self.shared.replay.clone(),
             }),
         }
     }
@@ -227,7 +259,15 @@ enum Refusal {
     Forbidden,
 }
 
-fn bearer<B>(req: &Request<B>) -> Option<&str> {
+/// How the token was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Bearer,
+    DPoP,
+}
+
+/// The single `Authorization` header's scheme and token.
+fn credentials<B>(req: &Request<B>) -> Option<(Scheme, &str)> {
     let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
     let v = values.next()?;
     if values.next().is_some() {
@@ -235,11 +275,27 @@ fn bearer<B>(req: &Request<B>) -> Option<&str> {
     }
     let v = v.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let scheme = if scheme.eq_ignore_ascii_case("bearer") {
+        Scheme::Bearer
+    } else if scheme.eq_ignore_ascii_case("dpop") {
+        Scheme::DPoP
+    } else {
         return None;
-    }
+    };
     let token = token.trim();
-    (!token.is_empty()).then_some(token)
+    (!token.is_empty()).then_some((scheme, token))
+}
+
+/// The single `DPoP` header, if any. Two are refused as none.
+fn dpop_proof<B>(req: &Request<B>) -> Result<Option<&str>, ()> {
+    let mut values = req.headers().get_all("dpop").iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    v.to_str().map(Some).map_err(|_| ())
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -287,18 +343,46 @@ where
     P: Policy,
 {
     fn authenticate<B>(&self, req: &Request<B>) -> Result<VerifiedJwtSvid, Refusal> {
-        let token = bearer(req).ok_or(Refusal::Missing)?;
+        let (scheme, token) = credentials(req).ok_or(Refusal::Missing)?;
         let bundles = self.shared.bundles.bundles();
-        let caller = self
-            .shared
-            .validator
-            .validate(token, &bundles, SystemTime::now())
-            .map_err(|e| {
-                tracing::debug!(reason = %e, "JWT-SVID refused");
-                Refusal::Invalid
-            })?;
-        if caller.cnf_jkt().is_some() {
-            tracing::debug!(spiffe_id = %caller.spiffe_id(), "key-bound JWT-SVID without a verified proof");
+        let proof = dpop_proof(req).map_err(|()| {
+            tracing::debug!("more than one DPoP header, or one that is not text");
+            Refusal::Invalid
+        })?;
+        let refused = |e: JwtSvidError| {
+            tracing::debug!(reason = %e, "JWT-SVID refused");
+            Refusal::Invalid
+        };
+        let caller = match &self.shared.origin {
+            Some(origin) => {
+                let uri = format!("{origin}{}", req.uri().path());
+                let request = ProofRequest {
+                    method: req.method().as_str(),
+                    uri: &uri,
+                };
+                self.shared
+                    .validator
+                    .validate_with_proof(
+                        token,
+                        proof,
+                        &request,
+                        &bundles,
+                        SystemTime::now(),
+                        Some(&self.shared.replay),
+                    )
+                    .map_err(refused)?
+            }
+            // No origin to check `htu` against: key-bound tokens fail
+            // closed (ProofRequired).
+            None => self
+                .shared
+                .validator
+                .validate(token, &bundles, SystemTime::now())
+                .map_err(refused)?,
+        };
+        // A key-bound token sent as a bearer token is a downgrade.
+        if caller.cnf_jkt().is_some() && scheme != Scheme::DPoP {
+            tracing::debug!(spiffe_id = %caller.spiffe_id(), "key-bound JWT-SVID sent with the Bearer scheme");
             return Err(Refusal::Invalid);
         }
         self.shared.policy.authorize(&caller).map_err(|Denied(why)| {

@@ -45,6 +45,9 @@ pub mod tpm;
 #[cfg(feature = "workload-client")]
 pub mod workload;
 
+#[cfg(feature = "workload-client")]
+pub mod workload_keys;
+
 pub use assurance::AssuranceLevel;
 pub use bundle::{Bundle, BundleError, BundleSet, JwtBundle, JwtKey, X509Bundle};
 pub use id::{IdError, SpiffeId, TrustDomain};

@@ -39,3 +39,18 @@ pub mod admin {
         include!(concat!(env!("OUT_DIR"), "/sigil.admin.v1.rs"));
     }
 }
+
+/// Sigil's workload key service (TPM-bound workload keys), on the agent's
+/// Workload API socket, `sigil.workload.v1`.
+pub mod keys {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(
+            missing_docs,
+            clippy::all,
+            clippy::pedantic,
+            missing_debug_implementations
+        )]
+        include!(concat!(env!("OUT_DIR"), "/sigil.workload.v1.rs"));
+    }
+}

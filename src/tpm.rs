@@ -693,5 +693,8 @@ mod der {
     }
 }
 
+#[cfg(any(test, feature = "tpm-soft"))]
+pub mod soft;
+
 #[cfg(test)]
 mod tests;

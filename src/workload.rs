@@ -102,29 +102,8 @@ impl WorkloadApiClient {
 
     /// Connects to `endpoint`.
     pub async fn connect(endpoint: &Endpoint) -> Result<Self, ClientError> {
-        let channel = match endpoint {
-            Endpoint::Unix(path) => {
-                let path = path.clone();
-                tonic::transport::Endpoint::from_static("http://localhost")
-                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                        let path = path.clone();
-                        async move {
-                            let s = tokio::net::UnixStream::connect(path).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                        }
-                    }))
-                    .await
-            }
-            Endpoint::Tcp(addr) => {
-                tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| ClientError::Connect(e.to_string()))?
-                    .connect()
-                    .await
-            }
-        }
-        .map_err(|e| ClientError::Connect(format!("{}: {e}", endpoint.to_uri())))?;
         Ok(Self {
-            inner: SpiffeWorkloadApiClient::new(channel),
+            inner: SpiffeWorkloadApiClient::new(connect_channel(endpoint).await?),
         })
     }
 
@@ -351,4 +330,29 @@ impl Drop for WorkloadJwtBundleSource {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A gRPC channel to a Workload API endpoint (Unix socket or TCP).
+pub(crate) async fn connect_channel(endpoint: &Endpoint) -> Result<Channel, ClientError> {
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let path = path.clone();
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+        }
+        Endpoint::Tcp(addr) => {
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .map_err(|e| ClientError::Connect(e.to_string()))?
+                .connect()
+                .await
+        }
+    }
+    .map_err(|e| ClientError::Connect(format!("{}: {e}", endpoint.to_uri())))
 }

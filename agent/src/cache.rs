@@ -137,6 +137,9 @@ pub struct StoredEntry {
     /// When the entry stops issuing, Unix seconds; 0 for never.
     #[serde(default)]
     pub expires_at: i64,
+    /// `tpm` when the workload key must live in the TPM; empty otherwise.
+    #[serde(default)]
+    pub key_binding: String,
 }
 
 impl From<pb::Entry> for StoredEntry {
@@ -155,6 +158,7 @@ impl From<pb::Entry> for StoredEntry {
             min_assurance: e.min_assurance,
             revision: e.revision,
             expires_at: e.expires_at,
+            key_binding: e.key_binding,
         }
     }
 }
@@ -162,6 +166,14 @@ impl From<pb::Entry> for StoredEntry {
 impl StoredEntry {
     fn to_entry(&self) -> Result<RegistrationEntry, String> {
         let id = SpiffeId::parse(&self.spiffe_id).map_err(|e| e.to_string())?;
+        // Fail closed: an entry whose key must stay in a TPM is never served
+        // with a software key.
+        if !self.key_binding.is_empty() {
+            return Err(format!(
+                "key binding {:?} is not served by this agent (TPM-bound workload keys need a TPM agent)",
+                self.key_binding
+            ));
+        }
         let selectors = self
             .selectors
             .iter()
@@ -685,6 +697,7 @@ impl IdentitySource for ServerIdentitySource {
                 .mint_jwt_svid(pb::MintJwtSvidRequest {
                     spiffe_id: authorized.entry().spiffe_id.to_string(),
                     audience: authorized.audience().to_owned(),
+                    cnf_jkt: String::new(),
                 })
                 .await
                 .map_err(|s| match s.code() {

@@ -197,6 +197,11 @@ pub struct EntrySpec {
     /// The entry stops yielding SVIDs this long from now, e.g. 30d.
     #[arg(long, value_name = "DURATION")]
     expires_in: Option<String>,
+    /// `tpm`: the workload's key is created in the agent's TPM and never
+    /// leaves it; the Workload API hands out no private key for this entry
+    /// and its JWT-SVIDs are bound to the key (cnf). Needs a TPM agent.
+    #[arg(long, value_name = "BINDING", value_parser = ["tpm"])]
+    key_binding: Option<String>,
 }
 
 impl EntrySpec {
@@ -211,6 +216,7 @@ impl EntrySpec {
             jwt_ttl_seconds: ttl(self.jwt_ttl)?.unwrap_or(0),
             dns_names: self.dns_names,
             min_assurance: self.min_assurance.unwrap_or_default(),
+            key_binding: self.key_binding.unwrap_or_default(),
             allow_root: self.allow_root,
             expires_at: match ttl(self.expires_in)? {
                 Some(d) => {
@@ -334,6 +340,7 @@ fn entry_json(e: &pb::Entry) -> Value {
         "revision": e.revision,
         "created_at": e.created_at,
         "expires_at": if e.expires_at == 0 { Value::Null } else { e.expires_at.into() },
+        "key_binding": if e.key_binding.is_empty() { Value::Null } else { e.key_binding.clone().into() },
     })
 }
 
@@ -344,7 +351,7 @@ fn entry_text(e: &pb::Entry) -> String {
         .map(|s| format!("{}:{}", s.r#type, s.value))
         .collect();
     format!(
-        "Entry ID      : {}\nSPIFFE ID     : {}\nParent ID     : {}\nSelectors     : {}\nAudiences     : {}\nX.509 TTL     : {}s\nJWT TTL       : {}s\nDNS names     : {}\nMin assurance : {}\nRevision      : {}\n",
+        "Entry ID      : {}\nSPIFFE ID     : {}\nParent ID     : {}\nSelectors     : {}\nAudiences     : {}\nX.509 TTL     : {}s\nJWT TTL       : {}s\nDNS names     : {}\nMin assurance : {}\nKey binding   : {}\nRevision      : {}\n",
         e.id,
         e.spiffe_id,
         e.parent_id,
@@ -357,6 +364,11 @@ fn entry_text(e: &pb::Entry) -> String {
             "-"
         } else {
             &e.min_assurance
+        },
+        if e.key_binding.is_empty() {
+            "-"
+        } else {
+            &e.key_binding
         },
         e.revision,
     )

@@ -200,6 +200,7 @@ async fn cli_token_entry_then_agent_mints_and_cli_validates_and_evicts() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: "spiffe://example.org/ai/scheduler".into(),
             audience: "ehr-fhir".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -292,6 +293,7 @@ async fn cli_token_entry_then_agent_mints_and_cli_validates_and_evicts() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: "spiffe://example.org/ai/scheduler".into(),
             audience: "payments".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -126,6 +126,7 @@ mod tests {
             dns_names: vec![],
             min_assurance: min,
             expires_at: None,
+            key_binding: Default::default(),
             revision: 1,
             created_at: 0,
         }

@@ -18,7 +18,7 @@
 //! - TTLs within [`MIN_TTL_SECS`] and the policy maxima; DNS names are
 //!   syntactically valid host names.
 
-use crate::model::{Entry, Selector, hex, random_bytes};
+use crate::model::{Entry, KeyBinding, Selector, hex, random_bytes};
 use sigil::{AssuranceLevel, SpiffeId, TrustDomain};
 
 /// Shortest SVID lifetime accepted, seconds.
@@ -49,6 +49,8 @@ pub struct EntryRequest {
     pub allow_root: bool,
     /// Unix seconds after which the entry yields nothing; 0 = never.
     pub expires_at: i64,
+    /// `tpm`, or empty for none.
+    pub key_binding: String,
 }
 
 /// TTL policy for entries.
@@ -132,6 +134,9 @@ pub enum EntryError {
     /// An unknown assurance level.
     #[error("unknown assurance level {0:?}")]
     BadAssurance(String),
+    /// A key binding other than `tpm`.
+    #[error("unknown key binding {0:?} (only \"tpm\")")]
+    BadKeyBinding(String),
     /// The random generator failed.
     #[error("random generator failed")]
     Rng,
@@ -276,6 +281,11 @@ pub fn validate(
                 .map_err(|_| EntryError::BadAssurance(req.min_assurance.clone()))?,
         )
     };
+    let key_binding = match req.key_binding.as_str() {
+        "" | "none" => KeyBinding::None,
+        "tpm" => KeyBinding::Tpm,
+        other => return Err(EntryError::BadKeyBinding(other.to_owned())),
+    };
     let expires_at = match req.expires_at {
         0 => None,
         t if t <= now => return Err(EntryError::ExpiryInPast(t)),
@@ -292,6 +302,7 @@ pub fn validate(
         jwt_ttl: ttl("jwt", req.jwt_ttl, policy.default_jwt, policy.max_jwt)?,
         dns_names: req.dns_names.clone(),
         min_assurance,
+        key_binding,
         revision: 0,
         created_at: now,
     })
@@ -470,6 +481,16 @@ mod tests {
                 Some(EntryError::ExpiryInPast(-5)),
             ),
             ("expiry ahead", |r| r.expires_at = 10, None),
+            (
+                "key bound to the TPM",
+                |r| r.key_binding = "tpm".into(),
+                None,
+            ),
+            (
+                "unknown key binding",
+                |r| r.key_binding = "hsm".into(),
+                Some(EntryError::BadKeyBinding("hsm".into())),
+            ),
             (
                 "bad assurance",
                 |r| r.min_assurance = "gold".into(),

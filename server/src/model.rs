@@ -47,10 +47,34 @@ pub struct Entry {
     /// After this (Unix seconds) the entry yields no SVIDs. None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<i64>,
+    /// Where the workload's key must live.
+    #[serde(default)]
+    pub key_binding: KeyBinding,
     /// Store revision of the last change to this entry.
     pub revision: u64,
     /// Creation time, Unix seconds.
     pub created_at: i64,
+}
+
+/// Where a workload's private key must live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyBinding {
+    /// Anywhere: the Workload API hands the key to the workload.
+    #[default]
+    None,
+    /// In the agent's TPM, never exported; JWT-SVIDs carry `cnf`.
+    Tpm,
+}
+
+impl KeyBinding {
+    /// The name used in the APIs (`""` or `tpm`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "",
+            Self::Tpm => "tpm",
+        }
+    }
 }
 
 /// Status of an attested agent.

@@ -680,6 +680,7 @@ mod tests {
             dns_names: vec![],
             min_assurance: None,
             expires_at: None,
+            key_binding: Default::default(),
             revision: 0,
             created_at: 0,
         }

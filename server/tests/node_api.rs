@@ -171,6 +171,7 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: workload.into(),
             audience: "ehr-fhir".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -195,6 +196,7 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: workload.into(),
             audience: "payments".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -204,6 +206,7 @@ async fn attest_then_mint_and_validate_x509_and_jwt_svids() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: "spiffe://example.org/someone/else".into(),
             audience: "ehr-fhir".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -485,6 +488,7 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
         .mint_jwt_svid(node::MintJwtSvidRequest {
             spiffe_id: "spiffe://example.org/w".into(),
             audience: "a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -498,6 +502,7 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
             .mint_jwt_svid(node::MintJwtSvidRequest {
                 spiffe_id: "spiffe://example.org/w".into(),
                 audience: "a".into(),
+                ..Default::default()
             })
             .await
         {

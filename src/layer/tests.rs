@@ -262,3 +262,160 @@ async fn grpc_requests_get_grpc_statuses() {
     assert_eq!(calls, 0);
     assert_eq!(resp.headers()["grpc-status"], "7");
 }
+
+/// A request carrying a key-bound token the DPoP way.
+fn dpop_req(
+    method: &str,
+    path: &str,
+    token: &str,
+    proof: Option<&str>,
+    scheme: &str,
+) -> Request<()> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("{scheme} {token}"));
+    if let Some(p) = proof {
+        b = b.header("dpop", p);
+    }
+    b.body(()).unwrap()
+}
+
+#[tokio::test]
+async fn key_bound_tokens_need_a_fresh_proof_for_this_request() {
+    use crate::validate::pop::{ProofRequest, SoftwareProofKey, build_proof, key_thumbprint};
+    let f = fx();
+    let key = SoftwareProofKey::generate().unwrap();
+    let mut c = claims(AGENT, "ehr-fhir", AssuranceLevel::Al3);
+    c.cnf = Some(Confirmation {
+        jkt: key_thumbprint(&key),
+    });
+    let t = f.signer.sign(&c).unwrap();
+    let origin = "https://ehr.example";
+    let layer = JwtSvidLayer::new("ehr-fhir", f.bundles.clone()).with_proof_origin(origin);
+    let proof = |method: &str, uri: &str| {
+        build_proof(&key, &t, &ProofRequest { method, uri }, now()).unwrap()
+    };
+    let good = proof("GET", "https://ehr.example/fhir/Patient");
+
+    // The honest request.
+    let (resp, calls) = run(
+        layer.clone(),
+        dpop_req("GET", "/fhir/Patient?x=1", &t, Some(&good), "DPoP"),
+    )
+    .await;
+    assert_eq!((resp.status(), calls), (StatusCode::OK, 1));
+
+    let other_key = SoftwareProofKey::generate().unwrap();
+    let foreign = build_proof(
+        &other_key,
+        &t,
+        &ProofRequest {
+            method: "GET",
+            uri: "https://ehr.example/fhir/Patient",
+        },
+        now(),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "replayed proof",
+            dpop_req("GET", "/fhir/Patient", &t, Some(&good), "DPoP"),
+        ),
+        (
+            "no proof",
+            dpop_req("GET", "/fhir/Patient", &t, None, "DPoP"),
+        ),
+        (
+            "proof from another key",
+            dpop_req("GET", "/fhir/Patient", &t, Some(&foreign), "DPoP"),
+        ),
+        (
+            "proof for another path",
+            dpop_req(
+                "GET",
+                "/fhir/Observation",
+                &t,
+                Some(&proof("GET", "https://ehr.example/fhir/Patient")),
+                "DPoP",
+            ),
+        ),
+        (
+            "proof for another method",
+            dpop_req(
+                "POST",
+                "/fhir/Patient",
+                &t,
+                Some(&proof("GET", "https://ehr.example/fhir/Patient")),
+                "DPoP",
+            ),
+        ),
+        (
+            "proof for another origin",
+            dpop_req(
+                "GET",
+                "/fhir/Patient",
+                &t,
+                Some(&proof("GET", "https://evil.example/fhir/Patient")),
+                "DPoP",
+            ),
+        ),
+        (
+            "bound token downgraded to Bearer",
+            dpop_req(
+                "GET",
+                "/fhir/Patient",
+                &t,
+                Some(&proof("GET", "https://ehr.example/fhir/Patient")),
+                "Bearer",
+            ),
+        ),
+    ];
+    for (name, r) in cases {
+        let (resp, calls) = run(layer.clone(), r).await;
+        assert_eq!(
+            (resp.status(), calls),
+            (StatusCode::UNAUTHORIZED, 0),
+            "{name}"
+        );
+    }
+    // Two DPoP headers.
+    let p1 = proof("GET", "https://ehr.example/fhir/Patient");
+    let r = Request::builder()
+        .uri("/fhir/Patient")
+        .header("authorization", format!("DPoP {t}"))
+        .header("dpop", &p1)
+        .header("dpop", &p1)
+        .body(())
+        .unwrap();
+    assert_eq!(run(layer.clone(), r).await.1, 0);
+
+    // Without a configured origin, key-bound tokens fail closed even with
+    // a valid proof.
+    let no_origin = JwtSvidLayer::new("ehr-fhir", f.bundles.clone());
+    let r = dpop_req(
+        "GET",
+        "/fhir/Patient",
+        &t,
+        Some(&proof("GET", "https://ehr.example/fhir/Patient")),
+        "DPoP",
+    );
+    assert_eq!(run(no_origin, r).await.1, 0);
+
+    // Unbound tokens keep working through a proof-enabled layer, with
+    // either scheme.
+    let plain = f
+        .signer
+        .sign(&claims(AGENT, "ehr-fhir", AssuranceLevel::Al1))
+        .unwrap();
+    assert_eq!(run(layer.clone(), req(Some(&plain))).await.1, 1);
+    assert_eq!(
+        run(
+            layer,
+            dpop_req("GET", "/fhir/Patient", &plain, None, "DPoP")
+        )
+        .await
+        .1,
+        1
+    );
+}

@@ -35,6 +35,7 @@ use crate::assurance::AssuranceLevel;
 use crate::bundle::BundleSet;
 use crate::id::{IdError, SpiffeId};
 use crate::json::parse_strict;
+use crate::validate::pop::{ProofError, ProofRequest, ReplayCache, VerifiedProof, verify_proof};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Map, Value};
@@ -118,6 +119,13 @@ pub enum JwtSvidError {
     /// `exp` is in the past.
     #[error("token has expired")]
     Expired,
+    /// The token is bound to a key (`cnf`) and no proof of possession was
+    /// given: use [`JwtSvidValidator::validate_with_proof`].
+    #[error("token is bound to a key (cnf): a proof of possession is required")]
+    ProofRequired,
+    /// The proof of possession was refused.
+    #[error("{0}")]
+    Proof(#[from] ProofError),
     /// `nbf` is in the future.
     #[error("token is not yet valid (nbf)")]
     NotYetValid,
@@ -151,6 +159,7 @@ pub struct VerifiedJwtSvid {
     acr: Option<String>,
     amr: Vec<String>,
     cnf_jkt: Option<String>,
+    proof: Option<VerifiedProof>,
     claims: Map<String, Value>,
 }
 
@@ -191,9 +200,14 @@ impl VerifiedJwtSvid {
     pub fn amr(&self) -> &[String] {
         &self.amr
     }
-    /// `cnf.jkt`: the thumbprint of the key this token is bound to.
+    /// `cnf.jkt`: the thumbprint of the key this token is bound to. A
+    /// token with one is only ever returned with its proof verified.
     pub fn cnf_jkt(&self) -> Option<&str> {
         self.cnf_jkt.as_deref()
+    }
+    /// The proof of possession that was verified for a key-bound token.
+    pub fn proof(&self) -> Option<&VerifiedProof> {
+        self.proof.as_ref()
     }
     /// Every claim, as sent.
     pub fn claims(&self) -> &Map<String, Value> {
@@ -248,8 +262,57 @@ impl JwtSvidValidator {
         &self.audience
     }
 
-    /// Runs every check in the module docs.
+    /// Runs every check in the module docs. A token bound to a key
+    /// (`cnf`) is refused with [`JwtSvidError::ProofRequired`]: it is only
+    /// good together with a proof, see [`Self::validate_with_proof`].
     pub fn validate(
+        &self,
+        token: &str,
+        bundles: &BundleSet,
+        now: SystemTime,
+    ) -> Result<VerifiedJwtSvid, JwtSvidError> {
+        let v = self.validate_token(token, bundles, now)?;
+        if v.cnf_jkt.is_some() {
+            return Err(JwtSvidError::ProofRequired);
+        }
+        Ok(v)
+    }
+
+    /// [`Self::validate`], and for a token bound to a key (`cnf.jkt`) also
+    /// the proof of possession for `request` (see [`crate::validate::pop`]);
+    /// with `replay`, each proof is accepted once. A token without `cnf`
+    /// needs no proof (one given is not checked).
+    pub fn validate_with_proof(
+        &self,
+        token: &str,
+        proof: Option<&str>,
+        request: &ProofRequest<'_>,
+        bundles: &BundleSet,
+        now: SystemTime,
+        replay: Option<&ReplayCache>,
+    ) -> Result<VerifiedJwtSvid, JwtSvidError> {
+        let mut v = self.validate_token(token, bundles, now)?;
+        let Some(jkt) = v.cnf_jkt.as_deref() else {
+            return Ok(v);
+        };
+        let proof = proof.ok_or(JwtSvidError::ProofRequired)?;
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        v.proof = Some(verify_proof(
+            proof,
+            token,
+            jkt,
+            request,
+            now,
+            self.leeway,
+            replay,
+        )?);
+        Ok(v)
+    }
+
+    fn validate_token(
         &self,
         token: &str,
         bundles: &BundleSet,
@@ -410,6 +473,7 @@ impl JwtSvidValidator {
             acr,
             amr,
             cnf_jkt,
+            proof: None,
             claims,
         })
     }
@@ -456,7 +520,7 @@ const P256_ORDER: [u8; 32] = [
 ];
 
 /// `1 <= x < n` for a 32-byte big-endian scalar.
-fn scalar_in_range(x: &[u8]) -> bool {
+pub(crate) fn scalar_in_range(x: &[u8]) -> bool {
     x.len() == 32 && x.iter().any(|b| *b != 0) && x < &P256_ORDER[..]
 }
 

@@ -1,4 +1,5 @@
 //! Validation of SVIDs presented by others: what a tool links.
 
 pub mod jwt;
+pub mod pop;
 pub mod x509;

@@ -103,6 +103,7 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
         revision: e.revision,
         created_at: e.created_at,
         expires_at: e.expires_at.unwrap_or(0),
+        key_binding: e.key_binding.as_str().into(),
     }
 }
 
@@ -118,6 +119,7 @@ fn entry_request(r: pb::CreateEntryRequest) -> EntryRequest {
         min_assurance: r.min_assurance,
         allow_root: r.allow_root,
         expires_at: r.expires_at,
+        key_binding: r.key_binding,
     }
 }
 

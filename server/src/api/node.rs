@@ -15,14 +15,14 @@
 use crate::audit::AuditEvent;
 use crate::authz::{self, AuthzError};
 use crate::ca::CaError;
-use crate::model::{Agent, AgentStatus, Entry, hex, now_unix, sha256};
+use crate::model::{Agent, AgentStatus, Entry, KeyBinding, hex, now_unix, sha256};
 use crate::state::{ServerState, request_id};
 use crate::store::{SpendOutcome, StoreError};
 use crate::tls::PeerCerts;
 use crate::tpm::BeginError;
 use sigil::assurance::methods;
 use sigil::proto::node::v1 as pb;
-use sigil::svid::jwt::{JwtSvidClaims, random_jti};
+use sigil::svid::jwt::{Confirmation, JwtSvidClaims, random_jti};
 use sigil::tpm::{TpmPublic, spki_hash, verify_certify};
 use sigil::{AssuranceLevel, SpiffeId, verify_x509_svid};
 use std::sync::Arc;
@@ -508,11 +508,19 @@ fn entry_to_pb(e: &Entry) -> pb::Entry {
             .unwrap_or_default(),
         revision: e.revision,
         expires_at: e.expires_at.unwrap_or(0),
+        key_binding: e.key_binding.as_str().into(),
     }
 }
 
 /// The join token's ID: the first 16 bytes of its SHA-256, hex. It names
 /// the agent and is safe to log; the token itself never is.
+/// An RFC 7638 SHA-256 thumbprint: 43 characters of unpadded base64url.
+fn is_jkt(s: &str) -> bool {
+    s.len() == 43
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 pub fn join_token_id(hash: &[u8; 32]) -> String {
     hex(&hash[..16])
 }
@@ -670,6 +678,13 @@ impl pb::node_server::Node for NodeApi {
                 results.push(out);
                 continue;
             }
+            if entry.key_binding == KeyBinding::Tpm && caller.agent.method != methods::TPM {
+                let why = "entry requires a TPM-bound key; the agent is not TPM-attested";
+                self.audit_denied(ev, why);
+                out.error = why.into();
+                results.push(out);
+                continue;
+            }
             let spki = if r.csr.is_empty() {
                 r.public_key.clone()
             } else {
@@ -754,6 +769,33 @@ impl pb::node_server::Node for NodeApi {
                 return Err(e.into());
             }
         };
+        // A TPM-bound entry: only a TPM-attested agent can hold its key,
+        // and the token is bound to that key.
+        let cnf = match (allowed.entry().key_binding, req.cnf_jkt.as_str()) {
+            (KeyBinding::Tpm, _) if caller.agent.method != methods::TPM => {
+                self.audit_denied(
+                    ev,
+                    "entry requires a TPM-bound key; the agent is not TPM-attested",
+                );
+                return Err(Status::permission_denied(
+                    "this entry requires a TPM-bound key and the agent has no attested TPM",
+                ));
+            }
+            (KeyBinding::Tpm, jkt) if is_jkt(jkt) => Some(Confirmation { jkt: jkt.into() }),
+            (KeyBinding::Tpm, _) => {
+                self.audit_denied(ev, "TPM-bound entry without a key thumbprint");
+                return Err(Status::invalid_argument(
+                    "cnf_jkt (the workload key's RFC 7638 thumbprint) is required for this entry",
+                ));
+            }
+            (KeyBinding::None, "") => None,
+            (KeyBinding::None, _) => {
+                self.audit_denied(ev, "cnf_jkt for an entry without key binding");
+                return Err(Status::invalid_argument(
+                    "cnf_jkt is only for entries with a TPM key binding",
+                ));
+            }
+        };
         // Act.
         let now = now_unix();
         let signer = self.state.jwt.active();
@@ -770,8 +812,14 @@ impl pb::node_server::Node for NodeApi {
             jti: random_jti(),
             iss: self.state.jwt_issuer.clone(),
             acr: Some(caller.agent.assurance.acr().into()),
-            amr: vec![caller.agent.method.clone(), methods::PEERCRED.into()],
-            cnf: None,
+            amr: {
+                let mut amr = vec![caller.agent.method.clone(), methods::PEERCRED.into()];
+                if cnf.is_some() {
+                    amr.push(methods::TPM_KEY.into());
+                }
+                amr
+            },
+            cnf,
         };
         let token = signer
             .sign(&claims)
@@ -914,6 +962,7 @@ mod tests {
                 .mint_jwt_svid(self.req(pb::MintJwtSvidRequest {
                     spiffe_id: "spiffe://example.org/w".into(),
                     audience: aud.into(),
+                    ..Default::default()
                 }))
                 .await
                 .map(Response::into_inner)
@@ -1129,6 +1178,7 @@ mod tests {
             .mint_jwt_svid(f.req(pb::MintJwtSvidRequest {
                 spiffe_id: "spiffe://example.org/other".into(),
                 audience: "ehr-fhir".into(),
+                ..Default::default()
             }))
             .await
             .unwrap_err();

@@ -25,6 +25,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub http: SocketAddr,
     pub admin_socket: PathBuf,
+    /// Extra `sigil-server run` flags.
+    pub extra: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -51,8 +53,14 @@ impl Server {
 
     /// Starts a server on a fresh temp dir.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Same, with extra `sigil-server run` flags.
+    pub fn start_with(extra: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Self {
+            extra: extra.to_vec(),
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_port())),
@@ -78,6 +86,7 @@ impl Server {
             .arg(self.http.to_string())
             .arg("--jwt-issuer")
             .arg("https://sigil.example.org")
+            .args(&self.extra)
             .env("RUST_LOG", "warn");
         c
     }

@@ -103,9 +103,15 @@ fn signer_output_validates() {
         amr: vec!["tpm".into()],
         cnf: Some(crate::svid::jwt::Confirmation { jkt: "abc".into() }),
     };
+    // Bound to a key: never valid on its own (see pop/tests.rs for proofs).
+    assert_eq!(
+        f.check(&f.signer.sign(&c).unwrap()),
+        Err(JwtSvidError::ProofRequired)
+    );
+    let c = JwtSvidClaims { cnf: None, ..c };
     let v = f.check(&f.signer.sign(&c).unwrap()).unwrap();
     assert_eq!(v.assurance(), Some(crate::AssuranceLevel::Al3));
-    assert_eq!(v.cnf_jkt(), Some("abc"));
+    assert_eq!(v.cnf_jkt(), None);
     assert_eq!(v.jti().map(str::len), Some(22));
 }
 
