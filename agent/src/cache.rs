@@ -292,6 +292,8 @@ pub struct Reattested {
     pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// notAfter of the leaf, Unix seconds.
     pub not_after: i64,
+    /// The assurance level granted (`sigil:al2` …).
+    pub assurance_level: String,
 }
 
 /// How an agent whose SVID key it cannot replace at will (a TPM-resident
@@ -459,7 +461,17 @@ impl ServerIdentitySource {
             let bundles: BundleSet = live.state.parsed_bundle().into_iter().collect();
             IdentitySnapshot {
                 trust_domain: self.inner.td.clone(),
-                node: self.inner.node.clone(),
+                // The level of the latest attestation (a TPM agent attests
+                // again, possibly at another level).
+                node: live
+                    .state
+                    .assurance
+                    .parse()
+                    .map(|level| NodeAttestation {
+                        level,
+                        method: live.state.method.clone(),
+                    })
+                    .unwrap_or_else(|_| self.inner.node.clone()),
                 entries,
                 x509_svids: live
                     .svids
@@ -499,6 +511,7 @@ impl ServerIdentitySource {
         let now = now_unix();
 
         // Agent SVID.
+        let mut level_changed = false;
         if now >= self.lock().agent_refresh_at {
             let stored = match &self.inner.reattestor {
                 Some(r) => {
@@ -506,6 +519,17 @@ impl ServerIdentitySource {
                         .reattest(self.inner.tls_bundles.clone())
                         .await
                         .map_err(SyncError::Invalid)?;
+                    fresh
+                        .assurance_level
+                        .parse::<AssuranceLevel>()
+                        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+                    let mut live = self.lock();
+                    if live.state.assurance != fresh.assurance_level {
+                        tracing::info!(from = %live.state.assurance, to = %fresh.assurance_level, "node assurance level changed");
+                        live.state.assurance = fresh.assurance_level.clone();
+                        level_changed = true;
+                    }
+                    drop(live);
                     self.inner
                         .resolver
                         .update_with_signing_key(fresh.chain.clone(), r.signing_key());
@@ -567,7 +591,7 @@ impl ServerIdentitySource {
             .bundle;
         let parsed = Bundle::from_spiffe_json(self.inner.td.clone(), bundle.as_bytes())
             .map_err(|e| SyncError::Invalid(format!("bundle: {e}")))?;
-        let mut changed = false;
+        let mut changed = level_changed;
         {
             let mut live = self.lock();
             if live.state.bundle != bundle {

@@ -50,47 +50,57 @@ fn tail(p: &Path) -> String {
 struct Env {
     dir: tempfile::TempDir,
     port: u16,
-    _server: Kill,
+    server: Kill,
+}
+
+fn spawn_server(dir: &Path, port: u16, extra: &[&str]) -> Kill {
+    let log = dir.join("server.log");
+    let _ = std::fs::remove_file(dir.join("admin.sock"));
+    let mut server = Kill(
+        Command::new(bin("sigil-server"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(dir.join("server"))
+            .args(["--trust-domain", TD])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-socket")
+            .arg(dir.join("admin.sock"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(std::os::unix::net::UnixStream::connect(dir.join("admin.sock")).is_ok()
+        && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    {
+        assert!(
+            server.0.try_wait().unwrap().is_none(),
+            "server exited:\n{}",
+            tail(&log)
+        );
+        assert!(Instant::now() < deadline, "server not ready");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    server
 }
 
 impl Env {
+    /// Stops the server and starts it again on the same data dir and port
+    /// with `extra` flags.
+    fn restart_server(&mut self, extra: &[&str]) {
+        let _ = self.server.0.kill();
+        let _ = self.server.0.wait();
+        self.server = spawn_server(self.dir.path(), self.port, extra);
+    }
+
     fn start(server_extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let log = dir.path().join("server.log");
-        let mut server = Kill(
-            Command::new(bin("sigil-server"))
-                .arg("run")
-                .arg("--data-dir")
-                .arg(dir.path().join("server"))
-                .args(["--trust-domain", TD])
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--admin-socket")
-                .arg(dir.path().join("admin.sock"))
-                .args(server_extra)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(std::os::unix::net::UnixStream::connect(dir.path().join("admin.sock")).is_ok()
-            && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
-        {
-            assert!(
-                server.0.try_wait().unwrap().is_none(),
-                "server exited:\n{}",
-                tail(&log)
-            );
-            assert!(Instant::now() < deadline, "server not ready");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        let env = Self {
-            dir,
-            port,
-            _server: server,
-        };
+        let server = spawn_server(dir.path(), port, server_extra);
+        let env = Self { dir, port, server };
         let pem = env.cli_ok(&["bundle", "show", "--format", "pem"]);
         std::fs::write(env.dir.path().join("bundle.pem"), pem).unwrap();
         env
@@ -375,4 +385,38 @@ fn ek_hash_from_state(env: &Env) -> String {
         .next()
         .unwrap()
         .to_owned()
+}
+
+#[test]
+fn reattestation_updates_the_node_assurance_level() {
+    // First attested by the allow-list (al2); the server then learns the
+    // manufacturer CA, and the next attestation is at al3.
+    let swtpm = Swtpm::start_with_ek_cert();
+    let (_root, issuer) = swtpm.ek_ca_certs().unwrap();
+    let mut env = Env::start(&["--agent-svid-ttl", "10s"]);
+    let tcti = swtpm.tcti();
+    env.cli_ok(&["tpm", "allow", &ek_hash(&tcti)]);
+    let log = env.dir.path().join("agent.log");
+    let _agent = env.start_agent(&tcti, &log);
+    let state_file = env.data_dir().join("agent-state.json");
+    let state = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap()
+    };
+    assert_eq!(state()["assurance"], "sigil:al2");
+    env.restart_server(&[
+        "--agent-svid-ttl",
+        "10s",
+        "--tpm-ek-ca",
+        issuer.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state()["assurance"] != "sigil:al3" {
+        assert!(
+            Instant::now() < deadline,
+            "still {}:\n{}",
+            state()["assurance"],
+            tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

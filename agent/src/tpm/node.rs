@@ -169,7 +169,11 @@ impl TpmNodeAttestor {
             )));
         }
         Ok(TpmAttested {
-            svid: Reattested { chain, not_after },
+            svid: Reattested {
+                chain,
+                not_after,
+                assurance_level: svid.assurance_level.clone(),
+            },
             agent_id: id,
             assurance_level: svid.assurance_level,
             bundle: resp.bundle,
