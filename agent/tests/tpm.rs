@@ -453,3 +453,19 @@ fn crashing_client_helper() {
     std::mem::forget((key, att));
     std::process::exit(42);
 }
+
+#[test]
+fn open_fails_cleanly_without_a_tpm() {
+    // Bad syntax, an unknown TCTI, and nothing listening.
+    for tcti in ["nonsense", "nosuchtcti:foo", "swtpm:host=127.0.0.1,port=1"] {
+        let started = std::time::Instant::now();
+        match Tpm::open(tcti) {
+            Err(TpmError::Open { tcti: t, .. }) => assert_eq!(t, tcti),
+            other => panic!("{tcti}: {other:?}"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // The same TPM works when it is there.
+    let swtpm = Swtpm::start();
+    assert!(Tpm::open(&swtpm.tcti()).is_ok());
+}
