@@ -296,8 +296,7 @@ async fn tpm_state(
         Ok::<_, crate::tpm::TpmError>((tpm, key))
     })
     .await
-    .context("TPM task")?
-    .with_context(|| format!("TPM {tcti}"))?;
+    .context("TPM task")??;
     match AgentState::load(&cfg.data_dir).map_err(|e| anyhow!(e))? {
         Some(mut s) => {
             if s.method != "tpm" {
