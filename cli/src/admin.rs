@@ -47,7 +47,7 @@ pub enum Command {
     /// The trust bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
-    /// Signing keys: show them, and rotate the JWT key by hand.
+    /// Signing keys: show them, and rotate the JWT key or X.509 CA by hand.
     #[command(subcommand)]
     Keys(KeysCommand),
     /// TPM node attestation: the endorsement-key allow-list.
@@ -81,30 +81,54 @@ pub enum TpmCommand {
     },
 }
 
+/// Which signing key a `keys` command acts on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum KeyKind {
+    /// The ES256 JWT signing keys.
+    #[default]
+    Jwt,
+    /// The X.509 CAs.
+    X509,
+}
+
+/// `--kind`, for the rotation commands.
+#[derive(Debug, Clone, Args)]
+pub struct KindArg {
+    /// Which key: jwt (the JWT signing key) or x509 (the X.509 CA).
+    #[arg(long, value_enum, default_value_t = KeyKind::Jwt)]
+    kind: KeyKind,
+}
+
 /// `sigil keys …`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// List the CA and the published JWT keys with their states.
+    /// List the X.509 CAs and the published JWT keys with their states.
     Show {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Publish a next JWT key in the bundle (it does not sign yet).
+    /// Publish a next key in the bundle (it does not sign yet).
     Prepare {
         #[command(flatten)]
-        out: OutputArg,
-    },
-    /// Make the prepared JWT key sign; the old one is retired but stays
-    /// published until its tokens have expired.
-    Activate {
+        kind: KindArg,
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Remove a retired or prepared JWT key from the bundle now: tokens it
-    /// signed stop validating.
+    /// Make the prepared key sign; the old one is retired but stays
+    /// published until what it signed has expired.
+    Activate {
+        #[command(flatten)]
+        kind: KindArg,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Remove a retired or prepared key from the bundle now: what it
+    /// signed stops validating.
     Revoke {
-        /// Key ID.
-        kid: String,
+        /// Key ID (JWT kid, or the X.509 CA's hex serial).
+        id: String,
+        #[command(flatten)]
+        kind: KindArg,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -403,6 +427,30 @@ fn key_json(k: &pb::JwtKey) -> Value {
     })
 }
 
+fn ca_json(a: &pb::X509Authority) -> Value {
+    json!({
+        "serial": a.serial,
+        "state": a.state,
+        "created_at": a.created_at,
+        "not_after": a.not_after,
+        "retired_at": if a.retired_at == 0 { Value::Null } else { a.retired_at.into() },
+        "sha256": a.sha256,
+        "upstream_sha256": if a.upstream_sha256.is_empty() { Value::Null } else { a.upstream_sha256.clone().into() },
+    })
+}
+
+fn ca_text(a: &pb::X509Authority) -> String {
+    let under = if a.upstream_sha256.is_empty() {
+        String::new()
+    } else {
+        format!(", under upstream {}", a.upstream_sha256)
+    };
+    format!(
+        "X.509 CA {} : {} (not after {}, sha256 {}{under})\n",
+        a.serial, a.state, a.not_after, a.sha256
+    )
+}
+
 fn key_text(k: &pb::JwtKey) -> String {
     format!(
         "JWT key {} : {} (not after {})\n",
@@ -606,13 +654,7 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            let cas: Vec<Value> = r
-                .x509_authorities
-                .iter()
-                .map(
-                    |a| json!({ "serial": a.serial, "not_after": a.not_after, "sha256": a.sha256 }),
-                )
-                .collect();
+            let cas: Vec<Value> = r.x509_authorities.iter().map(ca_json).collect();
             print(
                 &out,
                 json!({
@@ -622,10 +664,7 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 || {
                     let mut s = String::new();
                     for a in &r.x509_authorities {
-                        s.push_str(&format!(
-                            "X.509 CA serial {} (not after {}, sha256 {})\n",
-                            a.serial, a.not_after, a.sha256
-                        ));
+                        s.push_str(&ca_text(a));
                     }
                     for k in &r.jwt_keys {
                         s.push_str(&key_text(k));
@@ -634,7 +673,33 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 },
             );
         }
-        Command::Keys(KeysCommand::Prepare { out }) => {
+        Command::Keys(KeysCommand::Prepare { kind, out }) if kind.kind == KeyKind::X509 => {
+            let a = c
+                .prepare_x509_ca(pb::PrepareX509CaRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, ca_json(&a), || ca_text(&a));
+        }
+        Command::Keys(KeysCommand::Activate { kind, out }) if kind.kind == KeyKind::X509 => {
+            let a = c
+                .activate_x509_ca(pb::ActivateX509CaRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, ca_json(&a), || ca_text(&a));
+        }
+        Command::Keys(KeysCommand::Revoke { id, kind, out }) if kind.kind == KeyKind::X509 => {
+            let a = c
+                .revoke_x509_ca(pb::RevokeX509CaRequest { serial: id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print(&out, ca_json(&a), || {
+                format!("Revoked X.509 CA {}\n", a.serial)
+            });
+        }
+        Command::Keys(KeysCommand::Prepare { out, .. }) => {
             let k = c
                 .prepare_jwt_key(pb::PrepareJwtKeyRequest {})
                 .await
@@ -642,7 +707,7 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 .into_inner();
             print(&out, key_json(&k), || key_text(&k));
         }
-        Command::Keys(KeysCommand::Activate { out }) => {
+        Command::Keys(KeysCommand::Activate { out, .. }) => {
             let k = c
                 .activate_jwt_key(pb::ActivateJwtKeyRequest {})
                 .await
@@ -650,9 +715,9 @@ async fn run_async(socket: &Path, cmd: Command) -> Result<()> {
                 .into_inner();
             print(&out, key_json(&k), || key_text(&k));
         }
-        Command::Keys(KeysCommand::Revoke { kid, out }) => {
+        Command::Keys(KeysCommand::Revoke { id, out, .. }) => {
             let k = c
-                .revoke_jwt_key(pb::RevokeJwtKeyRequest { kid })
+                .revoke_jwt_key(pb::RevokeJwtKeyRequest { kid: id })
                 .await
                 .map_err(status)?
                 .into_inner();

@@ -269,6 +269,82 @@ fn token_entry_agent_and_bundle_commands() {
     let b = sigil::Bundle::parse_any(td.clone(), &jwks.stdout).unwrap();
     assert_eq!(b.jwt.keys().count(), 1);
 
+    // keys --kind x509: the same steps for the X.509 CA; every bundle
+    // change bumps spiffe_sequence.
+    let seq = |s: &Path| {
+        let out = sigil(s, &["bundle", "show", "--format", "spiffe"]);
+        sigil::Bundle::parse_any(td.clone(), &out.stdout)
+            .unwrap()
+            .sequence
+            .unwrap()
+    };
+    let pem_count = |s: &Path| {
+        let out = sigil(s, &["bundle", "show", "--format", "pem"]);
+        sigil::Bundle::parse_any(td.clone(), &out.stdout)
+            .unwrap()
+            .x509
+            .authorities()
+            .len()
+    };
+    let ca1 = keys["x509_authorities"][0].clone();
+    assert_eq!(ca1["state"], "active");
+    let early = sigil(s, &["keys", "activate", "--kind", "x509"]);
+    assert_eq!(early.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("keys prepare --kind x509"));
+    let s0 = seq(s);
+    let p = json_ok(sigil(
+        s,
+        &["keys", "prepare", "--kind", "x509", "--output", "json"],
+    ));
+    assert_eq!(p["state"], "prepared");
+    assert_eq!(pem_count(s), 2, "a prepared CA is published");
+    let s1 = seq(s);
+    assert!(s1 > s0);
+    let a = json_ok(sigil(
+        s,
+        &["keys", "activate", "--kind", "x509", "--output", "json"],
+    ));
+    assert_eq!(a["serial"], p["serial"]);
+    assert_eq!(a["state"], "active");
+    assert!(seq(s) > s1);
+    let shown = json_ok(sigil(s, &["keys", "show", "--output", "json"]));
+    let cas = shown["x509_authorities"].as_array().unwrap();
+    assert_eq!(cas.len(), 2);
+    assert_eq!(cas[0]["state"], "retired");
+    assert_eq!(cas[0]["serial"], ca1["serial"]);
+    let text = sigil(s, &["keys", "show"]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains(": retired"));
+    let active = sigil(
+        s,
+        &[
+            "keys",
+            "revoke",
+            "--kind",
+            "x509",
+            a["serial"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(active.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&active.stderr).contains("cannot be revoked"));
+    let unknown = sigil(s, &["keys", "revoke", "--kind", "x509", "00"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    let r = json_ok(sigil(
+        s,
+        &[
+            "keys",
+            "revoke",
+            "--kind",
+            "x509",
+            ca1["serial"].as_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(r["state"], "retired");
+    assert_eq!(pem_count(s), 1, "the revoked CA left the bundle");
+    let bad_kind = sigil(s, &["keys", "prepare", "--kind", "rsa"]);
+    assert_eq!(bad_kind.status.code(), Some(2));
+
     // entry delete.
     let del = json_ok(sigil(s, &["entry", "delete", &id, "--output", "json"]));
     assert_eq!(del["id"], id.as_str());

@@ -25,10 +25,27 @@ pub struct RunArgs {
     /// Admin API Unix socket (mode 0600). Default <data-dir>/admin.sock.
     #[arg(long, value_name = "PATH")]
     pub admin_socket: Option<PathBuf>,
-    /// Plain-HTTP endpoint for the bundle, JWKS, OIDC discovery, /live,
-    /// /ready and /metrics. Default: off.
+    /// HTTP endpoint for the bundle, JWKS, OIDC discovery, /live, /ready
+    /// and /metrics; HTTPS with --http-tls-cert/--http-tls-key. Default: off.
     #[arg(long, value_name = "HOST:PORT")]
     pub http_listen: Option<SocketAddr>,
+    /// PEM certificate chain (a web-PKI certificate, leaf first) to serve
+    /// the HTTP endpoint over HTTPS (TLS 1.2 and 1.3). Re-read when the file
+    /// changes. Needs --http-tls-key.
+    #[arg(long, value_name = "FILE", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key of --http-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+    /// PEM certificate of an upstream CA: the server's signing CAs are then
+    /// intermediates under it, and the bundle holds this certificate.
+    /// Needs --upstream-ca-key.
+    #[arg(long, value_name = "FILE", requires = "upstream_ca_key")]
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// PEM ECDSA P-256 private key of --upstream-ca-cert (PKCS#8 or SEC1).
+    /// Read at start, kept in memory only.
+    #[arg(long, value_name = "FILE", requires = "upstream_ca_cert")]
+    pub upstream_ca_key: Option<PathBuf>,
     /// Audit log file (JSON lines). Default <data-dir>/audit.log.
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
@@ -69,6 +86,10 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     admin_socket: Option<PathBuf>,
     http_listen: Option<SocketAddr>,
+    http_tls_cert: Option<PathBuf>,
+    http_tls_key: Option<PathBuf>,
+    upstream_ca_cert: Option<PathBuf>,
+    upstream_ca_key: Option<PathBuf>,
     audit_log: Option<PathBuf>,
     #[serde(default)]
     server_dns_names: Vec<String>,
@@ -104,6 +125,10 @@ pub struct Config {
     pub admin_socket: PathBuf,
     /// HTTP endpoint address, if enabled.
     pub http_listen: Option<SocketAddr>,
+    /// HTTPS certificate and key files for the HTTP endpoint.
+    pub http_tls: Option<(PathBuf, PathBuf)>,
+    /// Upstream CA certificate and key files.
+    pub upstream_ca: Option<(PathBuf, PathBuf)>,
     /// Audit log path.
     pub audit_log: PathBuf,
     /// Extra server DNS names.
@@ -187,6 +212,26 @@ impl Config {
         };
         let mut tpm_ek_ca = file.tpm_ek_ca;
         tpm_ek_ca.extend(args.tpm_ek_ca.iter().cloned());
+        let pair = |what: &str,
+                    c: Option<PathBuf>,
+                    k: Option<PathBuf>|
+         -> Result<Option<(PathBuf, PathBuf)>> {
+            match (c, k) {
+                (Some(c), Some(k)) => Ok(Some((c, k))),
+                (None, None) => Ok(None),
+                _ => bail!("{what}_cert and {what}_key go together"),
+            }
+        };
+        let http_tls = pair(
+            "http_tls",
+            args.http_tls_cert.clone().or(file.http_tls_cert),
+            args.http_tls_key.clone().or(file.http_tls_key),
+        )?;
+        let upstream_ca = pair(
+            "upstream_ca",
+            args.upstream_ca_cert.clone().or(file.upstream_ca_cert),
+            args.upstream_ca_key.clone().or(file.upstream_ca_key),
+        )?;
         let mut server_dns_names = file.server_dns_names;
         server_dns_names.extend(args.server_dns_names.iter().cloned());
         let cfg = Self {
@@ -196,6 +241,8 @@ impl Config {
                 .or(file.admin_socket)
                 .unwrap_or_else(|| data_dir.join("admin.sock")),
             http_listen: args.http_listen.or(file.http_listen),
+            http_tls,
+            upstream_ca,
             audit_log: args
                 .audit_log
                 .clone()
@@ -218,6 +265,14 @@ impl Config {
         };
         if cfg.default_jwt_ttl > 86400 {
             bail!("default_jwt_ttl cannot exceed 24h");
+        }
+        if cfg.http_tls.is_some()
+            && let Some(iss) = &cfg.jwt_issuer
+            && !iss.starts_with("https://")
+        {
+            bail!(
+                "jwt_issuer {iss:?} must be an https:// URL when the HTTP endpoint serves HTTPS (OIDC discovery)"
+            );
         }
         Ok(cfg)
     }
@@ -296,6 +351,39 @@ mod tests {
         assert_eq!(c.admin_socket, PathBuf::from("/tmp/x/admin.sock"));
         std::fs::write(&p, "bogus = 1\n").unwrap();
         assert!(Config::load(&args).is_err());
+    }
+
+    #[test]
+    fn https_needs_both_files_and_an_https_issuer() {
+        let base = RunArgs {
+            data_dir: Some("/tmp/x".into()),
+            trust_domain: Some("a.org".into()),
+            http_tls_cert: Some("c.pem".into()),
+            http_tls_key: Some("k.pem".into()),
+            jwt_issuer: Some("https://sigil.a.org".into()),
+            ..RunArgs::default()
+        };
+        let c = Config::load(&base).unwrap();
+        assert_eq!(
+            c.http_tls,
+            Some((PathBuf::from("c.pem"), PathBuf::from("k.pem")))
+        );
+        let plain = RunArgs {
+            jwt_issuer: Some("http://sigil.a.org".into()),
+            ..base.clone()
+        };
+        let err = Config::load(&plain).unwrap_err().to_string();
+        assert!(err.contains("https://"), "{err}");
+        let half = RunArgs {
+            http_tls_key: None,
+            ..base.clone()
+        };
+        assert!(Config::load(&half).is_err());
+        let up = RunArgs {
+            upstream_ca_cert: Some("u.pem".into()),
+            ..base
+        };
+        assert!(Config::load(&up).is_err(), "upstream cert without key");
     }
 
     #[test]

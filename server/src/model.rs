@@ -120,17 +120,31 @@ pub struct Agent {
     pub attested_at: i64,
 }
 
-/// Lifecycle of a JWT signing key.
+/// Lifecycle of a signing key (a JWT key or an X.509 CA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum JwtKeyState {
+pub enum KeyState {
     /// Published in the bundle, not yet signing.
     Prepared,
     /// Signing.
     Active,
-    /// No longer signing; published until its tokens have expired.
+    /// No longer signing; published until what it signed has expired.
     Retired,
 }
+
+impl KeyState {
+    /// The name used in the admin API and CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        }
+    }
+}
+
+/// The lifecycle of a JWT signing key (the same states as any key).
+pub type JwtKeyState = KeyState;
 
 /// A persisted JWT signing key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,7 +175,47 @@ impl std::fmt::Debug for StoredJwtKey {
     }
 }
 
-/// The persisted X.509 CA.
+/// A persisted X.509 CA of the rotation (prepared, active or retired).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredX509Ca {
+    /// Hex serial of the CA certificate: its ID in the admin API.
+    pub id: String,
+    /// PKCS#8 DER of the CA key, base64.
+    #[serde(with = "b64")]
+    pub pkcs8: Vec<u8>,
+    /// DER of the CA certificate, base64.
+    #[serde(with = "b64")]
+    pub cert: Vec<u8>,
+    /// DER of the upstream CA certificate that signed it (the trust anchor
+    /// published in the bundle), when the CA is an intermediate; None for a
+    /// self-signed root (then `cert` is the anchor).
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Vec<u8>>,
+    /// State.
+    pub state: KeyState,
+    /// Creation, Unix seconds.
+    pub created_at: i64,
+    /// The CA certificate's notAfter, Unix seconds.
+    pub not_after: i64,
+    /// When it stopped signing, Unix seconds.
+    #[serde(default)]
+    pub retired_at: Option<i64>,
+}
+
+impl std::fmt::Debug for StoredX509Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredX509Ca")
+            .field("id", &self.id)
+            .field("pkcs8", &"<redacted>")
+            .field("state", &self.state)
+            .field("upstream", &self.upstream.is_some())
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
+/// The persisted X.509 CA of servers before CA rotation existed (one
+/// self-signed root); migrated into [`StoredX509Ca`] on start.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCa {
     /// PKCS#8 DER of the CA key, base64.
@@ -190,6 +244,25 @@ mod b64 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
         STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(b) => s.serialize_some(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| STANDARD.decode(s).map_err(serde::de::Error::custom))
+            .transpose()
     }
 }
 

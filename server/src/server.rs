@@ -1,10 +1,11 @@
 //! Starting the server: state, the admin socket, the node API listener, and
-//! the background tasks (JWT key rotation, server certificate renewal).
+//! the background tasks (JWT key and X.509 CA rotation, server certificate
+//! renewal).
 
 use crate::api::admin::AdminApi;
 use crate::api::node::NodeApi;
 use crate::audit::FileAuditSink;
-use crate::ca::{self, JwtKeyPolicy};
+use crate::ca::{self, JwtKeyPolicy, UpstreamCa, X509Policy};
 use crate::config::{Config, ensure_private_dir, secure_data_dir};
 use crate::entry::TtlPolicy;
 use crate::model::now_unix;
@@ -38,7 +39,24 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         max_jwt_ttl: 24 * 3600,
         ..JwtKeyPolicy::default()
     };
-    let (ca, jwt) = ca::load_or_init(store.clone(), &cfg.trust_domain, cfg.ca_ttl, policy)?;
+    let upstream = match &cfg.upstream_ca {
+        Some((cert, key)) => Some(Arc::new(UpstreamCa::from_pem_files(cert, key)?)),
+        None => None,
+    };
+    let ttl = TtlPolicy {
+        default_x509: cfg.default_x509_ttl,
+        default_jwt: cfg.default_jwt_ttl,
+        ..TtlPolicy::default()
+    };
+    let x509 = X509Policy {
+        td: cfg.trust_domain.clone(),
+        ca_ttl: cfg.ca_ttl,
+        // Whatever a CA signs: workload SVIDs, agent SVIDs, the server
+        // certificate.
+        max_leaf_ttl: ttl.max_x509.max(cfg.agent_svid_ttl).max(SERVER_CERT_TTL),
+        upstream,
+    };
+    let (ca, jwt) = ca::load_or_init_with(store.clone(), x509, policy, now_unix())?;
     let tpm = crate::tpm::TpmAttestor::load(&cfg.tpm_ek_ca)?;
     if tpm.has_cas() {
         tracing::info!(files = cfg.tpm_ek_ca.len(), "TPM manufacturer CAs loaded");
@@ -51,11 +69,7 @@ pub fn build_state(cfg: &Config) -> Result<Arc<ServerState>> {
         ca,
         jwt,
         audit: Arc::new(audit),
-        ttl: TtlPolicy {
-            default_x509: cfg.default_x509_ttl,
-            default_jwt: cfg.default_jwt_ttl,
-            ..TtlPolicy::default()
-        },
+        ttl,
         agent_svid_ttl: cfg.agent_svid_ttl,
         jwt_issuer: cfg.jwt_issuer.clone(),
         metrics: Default::default(),
@@ -100,24 +114,35 @@ pub async fn run(cfg: Config) -> Result<()> {
         .id("/sigil/server")
         .map_err(|e| anyhow::anyhow!("server ID: {e}"))?;
     let resolver = Arc::new(CertResolver::new(
-        &state.ca,
+        state.ca.clone(),
         server_id,
         cfg.server_dns_names.clone(),
         vec![],
         SERVER_CERT_TTL,
     )?);
-    let tls = crate::tls::server_config(&state.ca, resolver.clone())?;
+    let tls = crate::tls::server_config(state.ca.clone(), resolver.clone())?;
 
     let tcp = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding node API on {}", cfg.listen))?;
     let admin = bind_admin_socket(&cfg.admin_socket)?;
     if let Some(addr) = cfg.http_listen {
+        let https = match &cfg.http_tls {
+            Some((cert, key)) => {
+                let r = crate::api::http::FileCertResolver::new(cert.clone(), key.clone())?;
+                Some(crate::api::http::tls_config(Arc::new(r))?)
+            }
+            None => None,
+        };
         let http = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding HTTP endpoint on {addr}"))?;
-        tracing::info!(listen = %http.local_addr()?, "HTTP endpoint (bundle, OIDC, health, metrics)");
-        tokio::spawn(crate::api::http::serve(http, state.clone()));
+        tracing::info!(
+            listen = %http.local_addr()?,
+            tls = https.is_some(),
+            "HTTP endpoint (bundle, OIDC, health, metrics)"
+        );
+        tokio::spawn(crate::api::http::serve(http, state.clone(), https));
     }
     tracing::info!(
         trust_domain = %cfg.trust_domain,
@@ -126,7 +151,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         "sigil-server ready"
     );
 
-    // Background: JWT key rotation and server certificate renewal.
+    // Background: key rotation and server certificate renewal.
     {
         let state = state.clone();
         let resolver = resolver.clone();
@@ -140,6 +165,11 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Ok(false) => {}
                     Err(e) => tracing::error!(error = %e, "JWT key rotation failed"),
                 }
+                match state.ca.rotate(now_unix()) {
+                    Ok(true) => tracing::info!(active = %state.ca.active_id(), "X.509 CAs rotated"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "X.509 CA rotation failed"),
+                }
                 // Spent-token tombstones are kept a day past the token's
                 // expiry, so reuse is reported as reuse meanwhile.
                 match state.store.purge_join_tokens(now_unix() - 86400) {
@@ -147,9 +177,11 @@ pub async fn run(cfg: Config) -> Result<()> {
                     Ok(n) => tracing::debug!(n, "purged expired join tokens"),
                     Err(e) => tracing::warn!(error = %e, "join token purge failed"),
                 }
-                if now_unix() - last_cert >= SERVER_CERT_TTL / 2 {
-                    match resolver.refresh(&state.ca) {
-                        Ok(()) => last_cert = now_unix(),
+                if now_unix() - last_cert >= SERVER_CERT_TTL / 2
+                    || resolver.issuer_id() != state.ca.active_id()
+                {
+                    match resolver.refresh() {
+                        Ok(_) => last_cert = now_unix(),
                         Err(e) => tracing::error!(error = %e, "server certificate renewal failed"),
                     }
                 }

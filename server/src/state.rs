@@ -1,7 +1,7 @@
 //! What every API handler shares.
 
 use crate::audit::{AuditEvent, AuditSink};
-use crate::ca::{self, Ca, JwtKeys};
+use crate::ca::{self, JwtKeys, X509Cas};
 use crate::entry::TtlPolicy;
 use crate::model::{hex, random_bytes};
 use crate::store::Store;
@@ -15,8 +15,8 @@ pub struct ServerState {
     pub td: TrustDomain,
     /// Persistent state.
     pub store: Arc<dyn Store>,
-    /// The X.509 CA.
-    pub ca: Ca,
+    /// The X.509 CAs (the active one signs).
+    pub ca: Arc<X509Cas>,
     /// The JWT keys.
     pub jwt: JwtKeys,
     /// The audit log.
@@ -72,7 +72,7 @@ impl ServerState {
     /// The trust bundle as published now. Its sequence number grows with
     /// every change of the published keys.
     pub fn bundle(&self) -> Bundle {
-        ca::bundle(&self.td, &self.ca, &self.jwt, self.jwt.sequence())
+        ca::bundle(&self.td, &self.ca, &self.jwt)
     }
 
     /// The bundle as a one-element set (for verification).

@@ -15,7 +15,7 @@
 //! the same transaction as the change itself, so an agent can ask for
 //! "changes since revision N" without a full scan of the entries.
 
-use crate::model::{Agent, Entry, StoredCa, StoredJwtKey};
+use crate::model::{Agent, Entry, StoredCa, StoredJwtKey, StoredX509Ca};
 use serde::{Deserialize, Serialize};
 use sigil::SpiffeId;
 use sled::Transactional;
@@ -95,6 +95,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn ca(&self) -> Result<Option<StoredCa>, StoreError>;
     /// Stores the CA; refuses to replace an existing one.
     fn put_ca(&self, ca: &StoredCa) -> Result<(), StoreError>;
+    /// Deletes the pre-rotation CA record (after its migration).
+    fn delete_legacy_ca(&self) -> Result<(), StoreError>;
+
+    /// All X.509 CAs of the rotation (prepared, active, retired).
+    fn x509_cas(&self) -> Result<Vec<StoredX509Ca>, StoreError>;
+    /// Inserts or replaces an X.509 CA.
+    fn put_x509_ca(&self, ca: &StoredX509Ca) -> Result<(), StoreError>;
+    /// Deletes an X.509 CA.
+    fn delete_x509_ca(&self, id: &str) -> Result<(), StoreError>;
 
     /// All JWT keys.
     fn jwt_keys(&self) -> Result<Vec<StoredJwtKey>, StoreError>;
@@ -178,6 +187,7 @@ pub struct SledStore {
     meta: sled::Tree,
     keys: sled::Tree,
     jwt_keys: sled::Tree,
+    x509_cas: sled::Tree,
     tokens: sled::Tree,
     entries: sled::Tree,
     by_parent: sled::Tree,
@@ -245,6 +255,7 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             keys: db.open_tree("keys")?,
             jwt_keys: db.open_tree("jwt_keys")?,
+            x509_cas: db.open_tree("x509_cas")?,
             tokens: db.open_tree("join_tokens")?,
             entries: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,
@@ -301,6 +312,31 @@ impl Store for SledStore {
         self.keys
             .compare_and_swap(KEY_CA, None::<&[u8]>, Some(v))?
             .map_err(|_| StoreError::AlreadyExists)?;
+        self.flush()
+    }
+
+    fn delete_legacy_ca(&self) -> Result<(), StoreError> {
+        self.keys.remove(KEY_CA)?;
+        self.flush()
+    }
+
+    fn x509_cas(&self) -> Result<Vec<StoredX509Ca>, StoreError> {
+        self.x509_cas
+            .iter()
+            .map(|kv| {
+                let (_, v) = kv?;
+                dec("x509_cas", &v)
+            })
+            .collect()
+    }
+
+    fn put_x509_ca(&self, ca: &StoredX509Ca) -> Result<(), StoreError> {
+        self.x509_cas.insert(ca.id.as_bytes(), enc(ca)?)?;
+        self.flush()
+    }
+
+    fn delete_x509_ca(&self, id: &str) -> Result<(), StoreError> {
+        self.x509_cas.remove(id.as_bytes())?;
         self.flush()
     }
 

@@ -560,7 +560,7 @@ async fn kill_9_keeps_state_and_missing_ca_key_refuses_start() {
     server.kill();
     {
         let db = sled::open(server.data_dir().join("db")).unwrap();
-        db.open_tree("keys").unwrap().remove("ca").unwrap();
+        db.open_tree("x509_cas").unwrap().clear().unwrap();
         db.flush().unwrap();
     }
     let out = server.command().output().unwrap();

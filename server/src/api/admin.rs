@@ -6,7 +6,7 @@ use crate::audit::AuditEvent;
 use crate::ca::CaError;
 use crate::entry::{self, EntryError, EntryRequest};
 use crate::model::{
-    Agent, AgentStatus, Entry, JwtKeyState, StoredJwtKey, hex, now_unix, random_bytes, sha256,
+    Agent, AgentStatus, Entry, StoredJwtKey, StoredX509Ca, hex, now_unix, random_bytes, sha256,
 };
 use crate::state::{ServerState, request_id};
 use crate::store::StoreError;
@@ -135,15 +135,26 @@ fn agent_to_pb(a: &Agent) -> pb::Agent {
     }
 }
 
+fn ca_to_pb(c: &StoredX509Ca) -> pb::X509Authority {
+    pb::X509Authority {
+        serial: c.id.clone(),
+        not_after: c.not_after,
+        sha256: hex(&sha256(&c.cert)),
+        state: c.state.as_str().into(),
+        created_at: c.created_at,
+        retired_at: c.retired_at.unwrap_or(0),
+        upstream_sha256: c
+            .upstream
+            .as_deref()
+            .map(|u| hex(&sha256(u)))
+            .unwrap_or_default(),
+    }
+}
+
 fn key_to_pb(k: &StoredJwtKey) -> pb::JwtKey {
-    let state = match k.state {
-        JwtKeyState::Prepared => "prepared",
-        JwtKeyState::Active => "active",
-        JwtKeyState::Retired => "retired",
-    };
     pb::JwtKey {
         kid: k.kid.clone(),
-        state: state.into(),
+        state: k.state.as_str().into(),
         created_at: k.created_at,
         not_after: k.not_after,
         retired_at: k.retired_at.unwrap_or(0),
@@ -152,8 +163,10 @@ fn key_to_pb(k: &StoredJwtKey) -> pb::JwtKey {
 
 fn ca_status(e: CaError) -> Status {
     match e {
-        CaError::NoPreparedKey | CaError::KeyIsActive => Status::failed_precondition(e.to_string()),
-        CaError::UnknownKey(_) => Status::not_found(e.to_string()),
+        CaError::NoPreparedKey(_) | CaError::KeyIsActive(_) => {
+            Status::failed_precondition(e.to_string())
+        }
+        CaError::UnknownKey(..) => Status::not_found(e.to_string()),
         other => {
             tracing::error!(error = %other, "key operation failed");
             Status::internal("internal error")
@@ -403,18 +416,67 @@ impl pb::admin_server::Admin for AdminApi {
         let mut jwt_keys: Vec<pb::JwtKey> =
             self.state.jwt.published().iter().map(key_to_pb).collect();
         jwt_keys.sort_by_key(|k| k.created_at);
-        let ca = self.state.ca.cert();
-        let serial = x509_parser::parse_x509_certificate(ca)
-            .map(|(_, c)| hex(c.raw_serial()))
-            .unwrap_or_default();
+        let mut x509_authorities: Vec<pb::X509Authority> =
+            self.state.ca.published().iter().map(ca_to_pb).collect();
+        x509_authorities.sort_by_key(|k| k.created_at);
         Ok(Response::new(pb::ListKeysResponse {
             jwt_keys,
-            x509_authorities: vec![pb::X509Authority {
-                serial,
-                not_after: self.state.ca.not_after(),
-                sha256: hex(&sha256(ca)),
-            }],
+            x509_authorities,
         }))
+    }
+
+    async fn prepare_x509_ca(
+        &self,
+        req: Request<pb::PrepareX509CaRequest>,
+    ) -> Result<Response<pb::X509Authority>, Status> {
+        let mut ev = self.event(&req, "admin.PrepareX509Ca");
+        let c = match self.state.ca.prepare(now_unix()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(ca_status(e));
+            }
+        };
+        ev.reason = Some(format!("ca {}", c.id));
+        self.record(&ev)?;
+        tracing::info!(ca = %c.id, "X.509 CA prepared by an operator");
+        Ok(Response::new(ca_to_pb(&c)))
+    }
+
+    async fn activate_x509_ca(
+        &self,
+        req: Request<pb::ActivateX509CaRequest>,
+    ) -> Result<Response<pb::X509Authority>, Status> {
+        let mut ev = self.event(&req, "admin.ActivateX509Ca");
+        let c = match self.state.ca.activate(now_unix()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(ca_status(e));
+            }
+        };
+        ev.reason = Some(format!("ca {}", c.id));
+        self.record(&ev)?;
+        tracing::info!(ca = %c.id, "X.509 CA activated by an operator");
+        Ok(Response::new(ca_to_pb(&c)))
+    }
+
+    async fn revoke_x509_ca(
+        &self,
+        req: Request<pb::RevokeX509CaRequest>,
+    ) -> Result<Response<pb::X509Authority>, Status> {
+        let mut ev = self.event(&req, "admin.RevokeX509Ca");
+        ev.reason = Some(format!("ca {}", req.get_ref().serial));
+        let c = match self.state.ca.revoke(&req.get_ref().serial) {
+            Ok(c) => c,
+            Err(e) => {
+                self.deny(ev, e.to_string());
+                return Err(ca_status(e));
+            }
+        };
+        self.record(&ev)?;
+        tracing::warn!(ca = %c.id, "X.509 CA revoked by an operator");
+        Ok(Response::new(ca_to_pb(&c)))
     }
 
     async fn prepare_jwt_key(

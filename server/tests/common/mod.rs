@@ -25,8 +25,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub http: SocketAddr,
     pub admin_socket: PathBuf,
-    /// Extra `sigil-server run` flags.
-    pub extra: Vec<String>,
+    /// Appended to the `sigil-server run` flags.
+    pub extra_args: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -58,17 +58,24 @@ impl Server {
 
     /// Same, with extra `sigil-server run` flags.
     pub fn start_with(extra: &[String]) -> Self {
+        let mut s = Self::unstarted();
+        s.extra_args = extra.to_vec();
+        s.spawn_and_wait();
+        s
+    }
+
+    /// A server on a fresh temp dir, not started yet (set `extra_args`,
+    /// write files into `dir`, then `spawn_and_wait`).
+    pub fn unstarted() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Self {
-            extra: extra.to_vec(),
+        Self {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_port())),
             admin_socket: dir.path().join("admin.sock"),
+            extra_args: Vec::new(),
             dir,
-        };
-        s.spawn_and_wait();
-        s
+        }
     }
 
     pub fn command(&self) -> Command {
@@ -86,7 +93,7 @@ impl Server {
             .arg(self.http.to_string())
             .arg("--jwt-issuer")
             .arg("https://sigil.example.org")
-            .args(&self.extra)
+            .args(&self.extra_args)
             .env("RUST_LOG", "warn");
         c
     }
