@@ -616,6 +616,21 @@ pub fn verify_signature(signer: &TpmPublic, message: &[u8], sig: &[u8]) -> Resul
         .map_err(|_| TpmError::BadSignature("TPM attestation"))
 }
 
+/// Domain separation for the certification of TPM-bound workload keys.
+pub const WORKLOAD_KEY_CERTIFY_CONTEXT: &[u8] = b"sigil workload key\0";
+
+/// The qualifying data of the AK's `TPM2_Certify` of the TPM-bound key of
+/// registration entry `entry_id` (`X509SvidRequest.tpm_key`):
+/// SHA-256([`WORKLOAD_KEY_CERTIFY_CONTEXT`] || entry_id).
+pub fn workload_key_qualifying_data(entry_id: &str) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(WORKLOAD_KEY_CERTIFY_CONTEXT);
+    ctx.update(entry_id.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 /// Verifies that `ak` certified `key` (`TPM2_Certify`) with qualifying data
 /// `expected_extra`: the signature over `certify_info` is the AK's, the
 /// structure came from a TPM, and it names exactly `key`.

@@ -118,6 +118,25 @@ pub struct Agent {
     pub expires_at: i64,
     /// First attestation, Unix seconds.
     pub attested_at: i64,
+    /// TPMT_PUBLIC of the attestation key of the agent's latest TPM
+    /// attestation: the key whose `TPM2_Certify` proves a workload key
+    /// lives in this agent's TPM. None for a join-token agent, and for TPM
+    /// agents last attested by a server that did not record it (they must
+    /// attest again before they can get SVIDs for TPM-bound entries).
+    #[serde(default, with = "opt_b64", skip_serializing_if = "Option::is_none")]
+    pub tpm_ak: Option<Vec<u8>>,
+}
+
+/// A TPM-resident workload key the server accepted for one (agent, entry):
+/// the agent's AK certified it, with qualifying data naming the entry, in a
+/// `SignX509Svids` call. `MintJwtSvid` binds tokens (`cnf.jkt`) for that
+/// entry only to this key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadKey {
+    /// RFC 7638 SHA-256 thumbprint of the key's JWK, base64url.
+    pub jkt: String,
+    /// When the certification was accepted, Unix seconds.
+    pub certified_at: i64,
 }
 
 /// Lifecycle of a signing key (a JWT key or an X.509 CA).

@@ -14,8 +14,15 @@
 //! appends `(revision → entry id, parent id, deleted?)` to a change log in
 //! the same transaction as the change itself, so an agent can ask for
 //! "changes since revision N" without a full scan of the entries.
+//!
+//! TPM-bound workload keys ([`WorkloadKey`]) are keyed by `(agent, entry)`
+//! and exist only for an entry's current parent: recording one checks, in
+//! the same transaction, that the entry exists under that agent, and
+//! deleting an entry or moving it to another agent removes its record in
+//! the transaction that does so. An agent's records outlive its eviction
+//! and re-attestation (see [`Store::put_workload_key`]).
 
-use crate::model::{Agent, Entry, StoredCa, StoredJwtKey, StoredX509Ca};
+use crate::model::{Agent, Entry, StoredCa, StoredJwtKey, StoredX509Ca, WorkloadKey};
 use serde::{Deserialize, Serialize};
 use sigil::SpiffeId;
 use sled::Transactional;
@@ -159,6 +166,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn tpm_ek_allowed(&self, hash: &str) -> Result<bool, StoreError>;
     /// The allow-list: (hash, added at) pairs in hash order.
     fn tpm_eks(&self) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Records the TPM-resident key accepted for entry `entry_id` of
+    /// `agent`, replacing any earlier one, atomically with the check that
+    /// the entry exists and `agent` is its parent ([`StoreError::NotFound`]
+    /// or [`StoreError::Refused`] otherwise, and nothing is written).
+    ///
+    /// Lifecycle: deleting the entry, or moving it to another parent,
+    /// removes the record in the same transaction. Evicting or banning the
+    /// agent does not: a banned or evicted agent cannot call the node API,
+    /// and an agent's ID is the hash of its TPM's EK, so after a
+    /// re-attestation the record still names a key certified to be in that
+    /// same TPM (and for that entry ID, which is random and never reused).
+    /// The next accepted certification for the entry overwrites it.
+    fn put_workload_key(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+        key: &WorkloadKey,
+    ) -> Result<(), StoreError>;
+    /// The key recorded for entry `entry_id` of `agent`, if any.
+    fn workload_key(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+    ) -> Result<Option<WorkloadKey>, StoreError>;
 }
 
 const META_TRUST_DOMAIN: &[u8] = b"trust_domain";
@@ -194,6 +226,8 @@ pub struct SledStore {
     changes: sled::Tree,
     agents: sled::Tree,
     tpm_eks: sled::Tree,
+    /// `agent id \0 entry id` → [`WorkloadKey`] (JSON).
+    workload_keys: sled::Tree,
 }
 
 /// Runs `f`, which may block on disk I/O (an fsync), without stalling the
@@ -262,6 +296,7 @@ impl SledStore {
             changes: db.open_tree("entry_changes")?,
             agents: db.open_tree("agents")?,
             tpm_eks: db.open_tree("tpm_ek_allow")?,
+            workload_keys: db.open_tree("workload_keys")?,
             db,
         })
     }
@@ -457,8 +492,14 @@ impl Store for SledStore {
     }
 
     fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
-        let out = (&self.meta, &self.entries, &self.by_parent, &self.changes)
-            .transaction(|(meta, entries, by_parent, changes)| {
+        let out = (
+            &self.meta,
+            &self.entries,
+            &self.by_parent,
+            &self.changes,
+            &self.workload_keys,
+        )
+            .transaction(|(meta, entries, by_parent, changes, workload_keys)| {
                 let Some(old) = entries.get(entry.id.as_bytes())? else {
                     return Err(ConflictableTransactionError::Abort(StoreError::NotFound));
                 };
@@ -476,6 +517,9 @@ impl Store for SledStore {
                     changes.insert(&rev.to_be_bytes(), gv)?;
                     by_parent.remove(parent_key(old.parent_id.as_str(), &old.id))?;
                     by_parent.insert(parent_key(entry.parent_id.as_str(), &entry.id), &[])?;
+                    // The old parent's TPM holds the certified key, not the
+                    // new one's.
+                    workload_keys.remove(parent_key(old.parent_id.as_str(), &old.id))?;
                 }
                 rev += 1;
                 let mut e = entry.clone();
@@ -499,8 +543,14 @@ impl Store for SledStore {
     }
 
     fn delete_entry(&self, id: &str) -> Result<Entry, StoreError> {
-        let out = (&self.meta, &self.entries, &self.by_parent, &self.changes)
-            .transaction(|(meta, entries, by_parent, changes)| {
+        let out = (
+            &self.meta,
+            &self.entries,
+            &self.by_parent,
+            &self.changes,
+            &self.workload_keys,
+        )
+            .transaction(|(meta, entries, by_parent, changes, workload_keys)| {
                 let Some(old) = entries.get(id.as_bytes())? else {
                     return Err(ConflictableTransactionError::Abort(StoreError::NotFound));
                 };
@@ -516,6 +566,7 @@ impl Store for SledStore {
                 meta.insert(META_REVISION, &rev.to_be_bytes())?;
                 entries.remove(id.as_bytes())?;
                 by_parent.remove(parent_key(old.parent_id.as_str(), id))?;
+                workload_keys.remove(parent_key(old.parent_id.as_str(), id))?;
                 changes.insert(&rev.to_be_bytes(), cv)?;
                 Ok(old)
             })
@@ -687,6 +738,43 @@ impl Store for SledStore {
                 Ok((hash, at))
             })
             .collect()
+    }
+
+    fn put_workload_key(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+        key: &WorkloadKey,
+    ) -> Result<(), StoreError> {
+        let v = enc(key)?;
+        let k = parent_key(agent.as_str(), entry_id);
+        (&self.entries, &self.workload_keys)
+            .transaction(|(entries, workload_keys)| {
+                let Some(e) = entries.get(entry_id.as_bytes())? else {
+                    return Err(ConflictableTransactionError::Abort(StoreError::NotFound));
+                };
+                let e: Entry = dec("entries", &e).map_err(ConflictableTransactionError::Abort)?;
+                if &e.parent_id != agent {
+                    return Err(ConflictableTransactionError::Abort(StoreError::Refused(
+                        "entry belongs to another agent".into(),
+                    )));
+                }
+                workload_keys.insert(k.as_slice(), v.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.flush()
+    }
+
+    fn workload_key(
+        &self,
+        agent: &SpiffeId,
+        entry_id: &str,
+    ) -> Result<Option<WorkloadKey>, StoreError> {
+        self.workload_keys
+            .get(parent_key(agent.as_str(), entry_id))?
+            .map(|v| dec("workload_keys", &v))
+            .transpose()
     }
 }
 
@@ -895,6 +983,7 @@ mod tests {
             serial: "01".into(),
             expires_at: 10,
             attested_at: 1,
+            tpm_ak: None,
         };
         s.create_agent(&a).unwrap();
         assert!(matches!(s.create_agent(&a), Err(StoreError::AlreadyExists)));
@@ -930,6 +1019,66 @@ mod tests {
         let on_current_thread =
             tokio::task::spawn_blocking(move || s.spend_join_token(&[0; 32], 1).unwrap());
         assert_eq!(on_current_thread.await.unwrap(), SpendOutcome::Spent);
+    }
+
+    #[test]
+    fn workload_keys_exist_only_for_the_entrys_current_parent() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = id("spiffe://td/agent/tpm/a1");
+        let a2 = id("spiffe://td/agent/tpm/a2");
+        let k = |jkt: &str| WorkloadKey {
+            jkt: jkt.into(),
+            certified_at: 1,
+        };
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            // No entry, or another agent's: refused, nothing written.
+            assert!(matches!(
+                s.put_workload_key(&a1, "e1", &k("x")),
+                Err(StoreError::NotFound)
+            ));
+            s.create_entry(entry("e1", a1.as_str())).unwrap();
+            assert!(matches!(
+                s.put_workload_key(&a2, "e1", &k("x")),
+                Err(StoreError::Refused(_))
+            ));
+            assert_eq!(s.workload_key(&a2, "e1").unwrap(), None);
+            // Recorded, then overwritten.
+            s.put_workload_key(&a1, "e1", &k("x")).unwrap();
+            s.put_workload_key(&a1, "e1", &k("y")).unwrap();
+        }
+        // Durable.
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(s.workload_key(&a1, "e1").unwrap(), Some(k("y")));
+        // An update that keeps the parent keeps it; a move drops it.
+        let mut e = s.entry("e1").unwrap().unwrap();
+        e.audiences = vec!["b".into()];
+        s.update_entry(e.clone()).unwrap();
+        assert_eq!(s.workload_key(&a1, "e1").unwrap(), Some(k("y")));
+        e.parent_id = a2.clone();
+        s.update_entry(e.clone()).unwrap();
+        assert_eq!(s.workload_key(&a1, "e1").unwrap(), None);
+        // Deleting the entry drops its record.
+        s.put_workload_key(&a2, "e1", &k("z")).unwrap();
+        s.delete_entry("e1").unwrap();
+        assert_eq!(s.workload_key(&a2, "e1").unwrap(), None);
+    }
+
+    #[test]
+    fn agents_recorded_before_the_ak_field_still_load() {
+        let old = br#"{"spiffe_id":"spiffe://td/agent/tpm/x","status":"active","assurance":"sigil:al2","method":"tpm","serial":"01","expires_at":10,"attested_at":1}"#;
+        let a: Agent = dec("agents", old).unwrap();
+        assert_eq!(a.tpm_ak, None);
+        let mut with_ak = a.clone();
+        with_ak.tpm_ak = Some(vec![1, 2, 3]);
+        let back: Agent = dec("agents", &enc(&with_ak).unwrap()).unwrap();
+        assert_eq!(back, with_ak);
+        // A join-token agent's record has no AK member at all.
+        assert!(
+            !String::from_utf8(enc(&a).unwrap())
+                .unwrap()
+                .contains("tpm_ak")
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use sigil::proto::admin::v1 as admin;
 use sigil::proto::node::v1 as node;
 use sigil::tpm::soft::{AK_ATTRS, ECDSA, KEY_ATTRS, NULL, SoftEk, SoftKey};
 use sigil::tpm::{Credential, TpmPublic, spki_hash};
+use sigil::validate::pop::ProofKey;
 use std::sync::Arc;
 use tonic::Code;
 
@@ -538,7 +539,10 @@ async fn tpm_bound_entries_get_key_bound_tokens_only_on_tpm_agents() {
     let tpm = Tpm::new();
     allow(&server, &tpm.hash()).await;
     let key = SoftKey::new(KEY_ATTRS, NULL);
-    let svid = attest(&mut c, &tpm, &key).await.unwrap();
+    let (session, cred, ak) = begin(&mut c, &tpm).await.unwrap();
+    let svid = finish(&mut c, answer(&tpm, &session, &cred, &ak, &key))
+        .await
+        .unwrap();
     let agent = Agent {
         id: svid.spiffe_id.clone(),
         chain: svid
@@ -556,10 +560,136 @@ async fn tpm_bound_entries_get_key_bound_tokens_only_on_tpm_agents() {
     entry(&server, &agent.id, &bound, "tpm").await;
     entry(&server, &agent.id, &plain, "").await;
     let mut api = agent.client(&server, &ca, Arc::default()).await;
+    let synced = api
+        .sync_entries(node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let entry_id = |id: &str| {
+        synced
+            .entries
+            .iter()
+            .find(|e| e.spiffe_id == id)
+            .unwrap()
+            .id
+            .clone()
+    };
+    let (bound_id, plain_id) = (entry_id(&bound), entry_id(&plain));
 
-    // The workload's TPM key thumbprint goes into cnf.
-    let workload_key = sigil::validate::pop::SoftwareProofKey::generate().unwrap();
+    // The workload key: TPM-resident, certified by the agent's AK for the
+    // entry (qualifying data names the entry).
+    let wk = SoftKey::new(KEY_ATTRS, NULL);
+    let workload_key = sigil::validate::pop::SoftwareProofKey::from_pkcs8(&wk.pkcs8()).unwrap();
     let jkt = sigil::validate::pop::key_thumbprint(&workload_key);
+    let certified = |by: &SoftKey, key: &SoftKey, entry: &str| {
+        let (info, sig) = by.certify(
+            &key.public,
+            &sigil::tpm::workload_key_qualifying_data(entry),
+        );
+        node::TpmKeyCertification {
+            public: key.public.clone(),
+            certify_info: info,
+            signature: sig,
+        }
+    };
+    let sign = |entry: &str, spki: Vec<u8>, cert: Option<node::TpmKeyCertification>| {
+        node::SignX509SvidsRequest {
+            requests: vec![node::X509SvidRequest {
+                entry_id: entry.into(),
+                public_key: spki,
+                csr: Vec::new(),
+                tpm_key: cert,
+            }],
+        }
+    };
+    // Before any certification, no key-bound token: the server does not know
+    // the workload's key.
+    let e = api.mint_jwt_svid(mint(&bound, &jkt)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // Hostile certifications: each refused with a reason, no certificate.
+    let other_ak = SoftKey::new(AK_ATTRS, ECDSA);
+    let exportable = SoftKey::new(KEY_ATTRS & !sigil::tpm::attr::FIXED_TPM, NULL);
+    let cases: Vec<(&str, node::SignX509SvidsRequest)> = vec![
+        ("missing", sign(&bound_id, wk.spki(), None)),
+        (
+            "another AK",
+            sign(
+                &bound_id,
+                wk.spki(),
+                Some(certified(&other_ak, &wk, &bound_id)),
+            ),
+        ),
+        (
+            "another entry's qualifying data",
+            sign(&bound_id, wk.spki(), Some(certified(&ak, &wk, &plain_id))),
+        ),
+        (
+            "SVID key is not the certified key",
+            sign(
+                &bound_id,
+                Key::new().spki(),
+                Some(certified(&ak, &wk, &bound_id)),
+            ),
+        ),
+        (
+            "exportable key",
+            sign(
+                &bound_id,
+                exportable.spki(),
+                Some(certified(&ak, &exportable, &bound_id)),
+            ),
+        ),
+        (
+            "certification for a plain entry",
+            sign(&plain_id, wk.spki(), Some(certified(&ak, &wk, &plain_id))),
+        ),
+    ];
+    for (what, req) in cases {
+        let r = api.sign_x509_svids(req).await.unwrap().into_inner();
+        assert!(r.results[0].cert_chain.is_empty(), "{what}: issued");
+        assert!(!r.results[0].error.is_empty(), "{what}: no error");
+        let audit = last_audit(&server);
+        assert_eq!(audit["outcome"], "denied", "{what}: {audit}");
+    }
+    let e = api.mint_jwt_svid(mint(&bound, &jkt)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The honest certification: an X.509-SVID for exactly that key.
+    let r = api
+        .sign_x509_svids(sign(
+            &bound_id,
+            wk.spki(),
+            Some(certified(&ak, &wk, &bound_id)),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.results[0].error.is_empty(), "{}", r.results[0].error);
+    let leaf = sigil::X509Svid::check_external_key(
+        &r.results[0]
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect::<Vec<_>>(),
+        &workload_key.public_sec1(),
+    )
+    .unwrap();
+    assert_eq!(leaf.0.as_str(), bound);
+
+    // A token bound to another key than the certified one is refused.
+    let stranger = sigil::validate::pop::SoftwareProofKey::generate().unwrap();
+    let e = api
+        .mint_jwt_svid(mint(
+            &bound,
+            &sigil::validate::pop::key_thumbprint(&stranger),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // The certified key's thumbprint goes into cnf.
     let t = api
         .mint_jwt_svid(mint(&bound, &jkt))
         .await
@@ -647,6 +777,7 @@ async fn tpm_bound_entries_get_key_bound_tokens_only_on_tpm_agents() {
                 entry_id: entries.entries[0].id.clone(),
                 public_key: Key::new().spki(),
                 csr: Vec::new(),
+                tpm_key: None,
             }],
         })
         .await

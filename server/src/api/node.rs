@@ -11,11 +11,19 @@
 //!
 //! The caller sees a short message and the right status code; the audit
 //! log gets the detail.
+//!
+//! TPM-bound entries (`key_binding = tpm`): every TPM attestation records
+//! the AK in the agent's record. `SignX509Svids` issues for such an entry
+//! only a key that AK certified (`TPM2_Certify`) with qualifying data
+//! [`workload_key_qualifying_data`] of the entry, a key that is fixedTPM,
+//! fixedParent and TPM-generated, and records that key's RFC 7638
+//! thumbprint for (agent, entry) before answering. `MintJwtSvid` binds a
+//! token (`cnf.jkt`) for such an entry only to that recorded thumbprint.
 
 use crate::audit::AuditEvent;
 use crate::authz::{self, AuthzError};
 use crate::ca::CaError;
-use crate::model::{Agent, AgentStatus, Entry, KeyBinding, hex, now_unix, sha256};
+use crate::model::{Agent, AgentStatus, Entry, KeyBinding, WorkloadKey, hex, now_unix, sha256};
 use crate::state::{ServerState, request_id};
 use crate::store::{SpendOutcome, StoreError};
 use crate::tls::PeerCerts;
@@ -23,7 +31,7 @@ use crate::tpm::BeginError;
 use sigil::assurance::methods;
 use sigil::proto::node::v1 as pb;
 use sigil::svid::jwt::{Confirmation, JwtSvidClaims, random_jti};
-use sigil::tpm::{TpmPublic, spki_hash, verify_certify};
+use sigil::tpm::{TpmError, TpmPublic, spki_hash, verify_certify, workload_key_qualifying_data};
 use sigil::{AssuranceLevel, SpiffeId, verify_x509_svid};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -31,6 +39,78 @@ use tonic::{Request, Response, Status};
 
 /// Most SVIDs one `SignX509Svids` call may ask for.
 pub const MAX_BATCH: usize = 1000;
+
+/// Whether the DER SubjectPublicKeyInfo `spki_der` is an ECDSA P-256 key
+/// and the very point of the TPM key `key`.
+fn is_tpm_key(spki_der: &[u8], key: &TpmPublic) -> bool {
+    crate::ca::parse_p256_spki(spki_der).is_ok_and(|spki| {
+        use rcgen::PublicKeyData;
+        key.p256_point()
+            .is_some_and(|point| spki.der_bytes() == point.as_slice())
+    })
+}
+
+/// Why the TPM certification of a workload key (`X509SvidRequest.tpm_key`)
+/// was refused. The message is the per-result error and the audit reason.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum WorkloadKeyError {
+    /// A TPM-bound entry, and no certification.
+    #[error(
+        "entry requires a TPM-bound key: tpm_key (the AK's certification of the workload key) is required"
+    )]
+    Missing,
+    /// A certification for an entry without key binding.
+    #[error("tpm_key is only for entries with a TPM key binding")]
+    Unbound,
+    /// The agent's record holds no AK (attested before AKs were recorded).
+    #[error("no attestation key is recorded for this agent: it must attest again")]
+    NoAk,
+    /// The recorded AK does not parse (a corrupt record).
+    #[error("the agent's recorded attestation key is unusable: {0}")]
+    BadRecordedAk(TpmError),
+    /// The certified key is malformed or may leave the TPM.
+    #[error("workload key refused: {0}")]
+    Key(TpmError),
+    /// The certification does not verify against the agent's AK and the
+    /// entry's qualifying data.
+    #[error("workload key certification refused: {0}")]
+    Certification(TpmError),
+    /// The SVID's key is not the certified key.
+    #[error("public_key (or the CSR's key) is not the TPM key the AK certified")]
+    NotCertifiedKey,
+}
+
+/// Verifies that `cert` proves the workload key with SubjectPublicKeyInfo
+/// `spki` lives in the TPM of `agent` (certified by its recorded AK, for
+/// `entry`); returns the key's RFC 7638 thumbprint. Does not check that
+/// the agent may have SVIDs for the entry.
+fn verify_workload_key(
+    agent: &Agent,
+    entry: &Entry,
+    cert: &pb::TpmKeyCertification,
+    spki: &[u8],
+) -> Result<String, WorkloadKeyError> {
+    let ak = agent.tpm_ak.as_deref().ok_or(WorkloadKeyError::NoAk)?;
+    let ak = TpmPublic::parse(ak).map_err(WorkloadKeyError::BadRecordedAk)?;
+    let key = TpmPublic::parse(&cert.public)
+        .and_then(|k| k.check_resident_signing_key().map(|()| k))
+        .map_err(WorkloadKeyError::Key)?;
+    verify_certify(
+        &ak,
+        &key,
+        &cert.certify_info,
+        &cert.signature,
+        &workload_key_qualifying_data(&entry.id),
+    )
+    .map_err(WorkloadKeyError::Certification)?;
+    if !is_tpm_key(spki, &key) {
+        return Err(WorkloadKeyError::NotCertifiedKey);
+    }
+    // check_resident_signing_key admitted ECC P-256 keys only.
+    let point = key.p256_point().ok_or(WorkloadKeyError::NotCertifiedKey)?;
+    Ok(sigil::bundle::jwk_thumbprint_p256(&point))
+}
 
 /// The node API service.
 #[derive(Debug, Clone)]
@@ -313,12 +393,7 @@ impl NodeApi {
                 "agent key certification: {e}"
             )));
         }
-        let same_key = crate::ca::parse_p256_spki(&public_key).is_ok_and(|spki| {
-            use rcgen::PublicKeyData;
-            key.p256_point()
-                .is_some_and(|point| spki.der_bytes() == point.as_slice())
-        });
-        if !same_key {
+        if !is_tpm_key(&public_key, &key) {
             self.audit_denied(ev, "public_key is not the certified TPM key");
             return Err(Status::permission_denied(
                 "public_key must be the TPM-resident key the AK certified",
@@ -344,6 +419,8 @@ impl NodeApi {
             serial: issued.serial.clone(),
             expires_at: issued.not_after,
             attested_at: now,
+            // What certifies its workload keys from now on.
+            tpm_ak: Some(p.ak.as_bytes().to_vec()),
         };
         // First attestation creates the agent; a re-attestation (restart,
         // eviction, expiry) replaces its SVID. A ban stands.
@@ -359,6 +436,7 @@ impl NodeApi {
                     a.method = agent.method.clone();
                     a.serial = agent.serial.clone();
                     a.expires_at = agent.expires_at;
+                    a.tpm_ak = agent.tpm_ak.clone();
                     Ok(())
                 });
                 match updated {
@@ -464,6 +542,7 @@ impl NodeApi {
             serial: issued.serial.clone(),
             expires_at: issued.not_after,
             attested_at: now,
+            tpm_ak: None,
         };
         self.state
             .store
@@ -685,6 +764,24 @@ impl pb::node_server::Node for NodeApi {
                 results.push(out);
                 continue;
             }
+            let tpm_key = match (entry.key_binding, r.tpm_key.as_ref()) {
+                (KeyBinding::Tpm, Some(k)) => Some(k),
+                (KeyBinding::None, None) => None,
+                (KeyBinding::Tpm, None) => {
+                    let e = WorkloadKeyError::Missing;
+                    self.audit_denied(ev, e.to_string());
+                    out.error = e.to_string();
+                    results.push(out);
+                    continue;
+                }
+                (KeyBinding::None, Some(_)) => {
+                    let e = WorkloadKeyError::Unbound;
+                    self.audit_denied(ev, e.to_string());
+                    out.error = e.to_string();
+                    results.push(out);
+                    continue;
+                }
+            };
             let spki = if r.csr.is_empty() {
                 r.public_key.clone()
             } else {
@@ -698,6 +795,21 @@ impl pb::node_server::Node for NodeApi {
                     }
                 }
             };
+            // A TPM-bound entry: the key must be certified by this agent's
+            // AK for this entry.
+            let jkt = match tpm_key.map(|k| verify_workload_key(&caller.agent, &entry, k, &spki)) {
+                None => None,
+                Some(Ok(jkt)) => Some(jkt),
+                Some(Err(e)) => {
+                    self.audit_denied(ev, e.to_string());
+                    out.error = match e {
+                        WorkloadKeyError::BadRecordedAk(_) => "internal error".into(),
+                        e => e.to_string(),
+                    };
+                    results.push(out);
+                    continue;
+                }
+            };
             match self.state.ca.issue(
                 &spki,
                 &entry.spiffe_id,
@@ -707,6 +819,44 @@ impl pb::node_server::Node for NodeApi {
                 now,
             ) {
                 Ok(issued) => {
+                    if let Some(jkt) = &jkt {
+                        // Durable before the SVID leaves: MintJwtSvid binds
+                        // this entry's tokens to this key only.
+                        let recorded = self.state.store.put_workload_key(
+                            &caller.agent.spiffe_id,
+                            &entry.id,
+                            &WorkloadKey {
+                                jkt: jkt.clone(),
+                                certified_at: now,
+                            },
+                        );
+                        match recorded {
+                            Ok(()) => {}
+                            // Deleted or moved to another agent meanwhile.
+                            Err(StoreError::NotFound | StoreError::Refused(_)) => {
+                                self.audit_denied(
+                                    ev,
+                                    "entry was deleted or moved to another agent meanwhile",
+                                );
+                                out.error = "no such entry".into();
+                                results.push(out);
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "store error");
+                                let mut ev = ev;
+                                ev.outcome = "error";
+                                ev.reason = Some(format!("recording the workload key failed: {e}"));
+                                let _ = self.state.audit(&ev);
+                                out.error = "internal error".into();
+                                results.push(out);
+                                continue;
+                            }
+                        }
+                        ev.reason = Some(format!(
+                            "TPM-resident key {jkt} certified by the agent's AK"
+                        ));
+                    }
                     ev.outcome = "ok";
                     ev.serial = Some(issued.serial.clone());
                     // No credential leaves unrecorded.
@@ -756,7 +906,7 @@ impl pb::node_server::Node for NodeApi {
             .store
             .entries_by_parent(&caller.agent.spiffe_id)
             .map_err(store_status)?;
-        let allowed = match authz::authorize_jwt(
+        let mut allowed = match authz::authorize_jwt(
             &entries,
             &id,
             &req.audience,
@@ -796,6 +946,57 @@ impl pb::node_server::Node for NodeApi {
                 ));
             }
         };
+        if let Some(c) = &cnf {
+            // Only the key this agent's AK certified for the entry
+            // (SignX509Svids). Several of the agent's entries may carry this
+            // SPIFFE ID (other selectors, each workload its own key): any
+            // TPM-bound one that allows the audience and recorded this key.
+            let mut found = None;
+            let mut seen = Vec::new();
+            for e in entries
+                .iter()
+                .filter(|e| e.spiffe_id == id && e.key_binding == KeyBinding::Tpm)
+            {
+                let Ok(a) = authz::authorize_jwt(
+                    std::slice::from_ref(e),
+                    &id,
+                    &req.audience,
+                    caller.agent.assurance,
+                    now_unix(),
+                ) else {
+                    continue;
+                };
+                let recorded = self
+                    .state
+                    .store
+                    .workload_key(&caller.agent.spiffe_id, &e.id)
+                    .map_err(store_status)?;
+                match recorded {
+                    Some(k) if bool::from(k.jkt.as_bytes().ct_eq(c.jkt.as_bytes())) => {
+                        found = Some(a);
+                        break;
+                    }
+                    Some(k) => seen.push(format!("entry {}: key {}", e.id, k.jkt)),
+                    None => seen.push(format!("entry {}: no certified key", e.id)),
+                }
+            }
+            match found {
+                Some(a) => allowed = a,
+                None => {
+                    self.audit_denied(
+                        ev,
+                        format!(
+                            "cnf_jkt {} is not a key this agent's TPM certified for the entry ({})",
+                            c.jkt,
+                            seen.join("; ")
+                        ),
+                    );
+                    return Err(Status::permission_denied(
+                        "cnf_jkt is not the certified TPM key of this workload",
+                    ));
+                }
+            }
+        }
         // Act.
         let now = now_unix();
         let signer = self.state.jwt.active();
