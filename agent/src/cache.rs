@@ -16,9 +16,10 @@
 //! - JWT-SVIDs are minted by the server on demand (`MintJwtSvid`); put a
 //!   [`crate::jwt_cache::JwtSvidCache`] in front for caching.
 
-use crate::entry::{AuthorizedAudience, RegistrationEntry};
+use crate::bound_keys::{BoundKeyBlob, KeyHolderError, WorkloadKeyHolder};
+use crate::entry::{AuthorizedAudience, KeyBinding, RegistrationEntry};
 use crate::identity::{
-    IdentitySnapshot, IdentitySource, MintedJwtSvid, NodeAttestation, SourceError,
+    BoundSvid, IdentitySnapshot, IdentitySource, MintedJwtSvid, NodeAttestation, SourceError,
 };
 use crate::node_client::NodeClient;
 use crate::selector::Selector;
@@ -115,6 +116,42 @@ impl StoredSvid {
     }
 }
 
+/// A TPM-bound workload key and its current X.509-SVID, as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredBoundSvid {
+    /// The key's blobs (sealed by the TPM).
+    pub key: BoundKeyBlob,
+    /// DER certificates, leaf first, base64; empty until the server signed.
+    pub chain: Vec<String>,
+    /// When to replace the certificate, Unix seconds.
+    #[serde(default)]
+    pub refresh_at: i64,
+}
+
+impl StoredBoundSvid {
+    /// The SVID to publish: the chain, checked to certify this key.
+    fn to_bound(&self) -> Result<(BoundSvid, SpiffeId), String> {
+        let chain = self
+            .chain
+            .iter()
+            .map(|c| B64.decode(c).map(Into::into))
+            .collect::<Result<Vec<rustls_pki_types::CertificateDer<'static>>, _>>()
+            .map_err(|e| e.to_string())?;
+        let public = self.key.public().map_err(|e| e.to_string())?;
+        let (id, not_after) =
+            X509Svid::check_external_key(&chain, &public.sec1).map_err(|e| e.to_string())?;
+        Ok((
+            BoundSvid {
+                chain,
+                not_after,
+                public_sec1: public.sec1,
+                jkt: public.jkt,
+            },
+            id,
+        ))
+    }
+}
+
 /// A registration entry as the server sent it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredEntry {
@@ -164,22 +201,24 @@ impl From<pb::Entry> for StoredEntry {
 }
 
 impl StoredEntry {
+    fn key_binding(&self) -> Result<KeyBinding, String> {
+        match self.key_binding.as_str() {
+            "" => Ok(KeyBinding::None),
+            "tpm" => Ok(KeyBinding::Tpm),
+            other => Err(format!("unknown key binding {other:?}")),
+        }
+    }
+
     fn to_entry(&self) -> Result<RegistrationEntry, String> {
         let id = SpiffeId::parse(&self.spiffe_id).map_err(|e| e.to_string())?;
-        // Fail closed: an entry whose key must stay in a TPM is never served
-        // with a software key.
-        if !self.key_binding.is_empty() {
-            return Err(format!(
-                "key binding {:?} is not served by this agent (TPM-bound workload keys need a TPM agent)",
-                self.key_binding
-            ));
-        }
+        let key_binding = self.key_binding()?;
         let selectors = self
             .selectors
             .iter()
             .map(|s| Selector::parse(s).map_err(|e| e.to_string()))
             .collect::<Result<Vec<_>, _>>()?;
         let mut e = RegistrationEntry::new(self.id.clone(), id, selectors);
+        e.key_binding = key_binding;
         e.audiences = self.audiences.clone();
         if self.x509_ttl_seconds > 0 {
             e.x509_ttl = Duration::from_secs(self.x509_ttl_seconds as u64);
@@ -219,6 +258,9 @@ pub struct AgentState {
     pub entries: BTreeMap<String, StoredEntry>,
     /// Workload X.509-SVIDs by entry ID.
     pub svids: BTreeMap<String, StoredSvid>,
+    /// TPM-bound workload keys and their X.509-SVIDs by entry ID.
+    #[serde(default)]
+    pub bound: BTreeMap<String, StoredBoundSvid>,
 }
 
 impl AgentState {
@@ -309,6 +351,8 @@ struct Live {
     state: AgentState,
     /// Parsed workload SVIDs and when to replace them.
     svids: BTreeMap<String, (Arc<X509Svid>, i64)>,
+    /// Parsed TPM-bound SVIDs and when to replace them.
+    bound: BTreeMap<String, (Arc<BoundSvid>, i64)>,
     agent_refresh_at: i64,
 }
 
@@ -336,6 +380,9 @@ struct Inner {
     td: TrustDomain,
     node: NodeAttestation,
     reattestor: Option<Arc<dyn Reattestor>>,
+    /// Holds TPM-bound workload keys; without one, such entries are not
+    /// served (fail closed).
+    keys: Option<Arc<dyn WorkloadKeyHolder>>,
     live: Mutex<Live>,
     tx: watch::Sender<Arc<IdentitySnapshot>>,
 }
@@ -358,18 +405,21 @@ impl ServerIdentitySource {
     /// A cache over `state` (loaded or fresh from attestation), talking to
     /// `server`. Publishes the persisted snapshot at once.
     pub fn new(server: &str, state: AgentState, data_dir: PathBuf) -> Result<Self, String> {
-        Self::with_reattestor(server, state, data_dir, None)
+        Self::with_reattestor(server, state, data_dir, None, None)
     }
 
     /// Like [`Self::new`]; with a `reattestor`, the agent SVID's key is the
     /// reattestor's and a due agent SVID is replaced by attesting again
     /// instead of `RenewAgent`. The first sync re-attests at once when
-    /// `state.agent_svid.refresh_at` is 0.
+    /// `state.agent_svid.refresh_at` is 0. With `keys`, entries with
+    /// `key_binding = "tpm"` get their key there and are served by the
+    /// workload key service; without, they are skipped.
     pub fn with_reattestor(
         server: &str,
         state: AgentState,
         data_dir: PathBuf,
         reattestor: Option<Arc<dyn Reattestor>>,
+        keys: Option<Arc<dyn WorkloadKeyHolder>>,
     ) -> Result<Self, String> {
         let td = state.td()?;
         let level: AssuranceLevel = state
@@ -400,10 +450,17 @@ impl ServerIdentitySource {
                 svids.insert(id.clone(), (Arc::new(svid), at));
             }
         }
+        let mut bound = BTreeMap::new();
+        for (id, b) in &state.bound {
+            if let Ok((svid, _)) = b.to_bound() {
+                bound.insert(id.clone(), (Arc::new(svid), b.refresh_at));
+            }
+        }
         let live = Live {
             agent_refresh_at: state.agent_svid.refresh_at,
             state,
             svids,
+            bound,
         };
         let (tx, _) = watch::channel(Arc::new(IdentitySnapshot::empty(td.clone(), node.clone())));
         let me = Self {
@@ -416,6 +473,7 @@ impl ServerIdentitySource {
                 td,
                 node,
                 reattestor,
+                keys,
                 live: Mutex::new(live),
                 tx,
             }),
@@ -452,6 +510,13 @@ impl ServerIdentitySource {
                 .filter(|e| e.expires_at == 0 || e.expires_at > now)
             {
                 match e.to_entry() {
+                    // Fail closed: an entry whose key must stay in a TPM is
+                    // never served with a software key.
+                    Ok(entry)
+                        if entry.key_binding == KeyBinding::Tpm && self.inner.keys.is_none() =>
+                    {
+                        tracing::warn!(entry = %e.id, "skipping a TPM-bound entry: this agent has no TPM")
+                    }
                     Ok(entry) => entries.push(Arc::new(entry)),
                     Err(err) => {
                         tracing::warn!(entry = %e.id, error = %err, "skipping invalid entry")
@@ -475,6 +540,11 @@ impl ServerIdentitySource {
                 entries,
                 x509_svids: live
                     .svids
+                    .iter()
+                    .map(|(k, (s, _))| (k.clone(), s.clone()))
+                    .collect(),
+                bound_svids: live
+                    .bound
                     .iter()
                     .map(|(k, (s, _))| (k.clone(), s.clone()))
                     .collect(),
@@ -628,15 +698,26 @@ impl ServerIdentitySource {
                 changed |= live.state.entries.remove(&id).is_some();
                 live.state.svids.remove(&id);
                 live.svids.remove(&id);
+                // The TPM key goes with its entry (its blobs were the only
+                // reference to it; nothing is loaded).
+                live.state.bound.remove(&id);
+                live.bound.remove(&id);
             }
             if live.state.revision != resp.revision {
                 live.state.revision = resp.revision;
                 changed = true;
             }
-            for id in live.state.entries.keys() {
-                match live.svids.get(id) {
-                    Some((_, at)) if *at > now => {}
-                    _ => stale.push(id.clone()),
+            for (id, e) in &live.state.entries {
+                let due = match e.key_binding() {
+                    Ok(KeyBinding::None) => live.svids.get(id).map(|(_, at)| *at),
+                    Ok(KeyBinding::Tpm) if self.inner.keys.is_some() => {
+                        live.bound.get(id).map(|(_, at)| *at)
+                    }
+                    // Not served here: nothing to mint.
+                    _ => continue,
+                };
+                if due.is_none_or(|at| at <= now) {
+                    stale.push(id.clone());
                 }
             }
         }
@@ -645,9 +726,22 @@ impl ServerIdentitySource {
 
         // X.509-SVIDs, one batch.
         if !stale.is_empty() {
+            let bound_ids: Vec<String> = {
+                let live = self.lock();
+                stale
+                    .iter()
+                    .filter(|id| {
+                        live.state
+                            .entries
+                            .get(*id)
+                            .is_some_and(|e| e.key_binding == "tpm")
+                    })
+                    .cloned()
+                    .collect()
+            };
             let mut keys = BTreeMap::new();
             let mut requests = Vec::with_capacity(stale.len());
-            for id in &stale {
+            for id in stale.iter().filter(|id| !bound_ids.contains(id)) {
                 let key =
                     PrivateKey::generate_p256().map_err(|e| SyncError::Invalid(e.to_string()))?;
                 let sec1 = key
@@ -657,31 +751,69 @@ impl ServerIdentitySource {
                     entry_id: id.clone(),
                     public_key: p256_spki_der(&sec1),
                     csr: Vec::new(),
+                    tpm_key: None,
                 });
                 keys.insert(id.clone(), key);
             }
-            let results = api
-                .sign_x509_svids(pb::SignX509SvidsRequest { requests })
-                .await?
-                .into_inner()
-                .results;
+            let mut bound_keys = BTreeMap::new();
+            if let Some(holder) = &self.inner.keys {
+                for (id, blob, req) in self.bound_requests(holder, &bound_ids).await? {
+                    requests.push(req);
+                    bound_keys.insert(id, blob);
+                }
+            }
+            let results = if requests.is_empty() {
+                Vec::new()
+            } else {
+                api.sign_x509_svids(pb::SignX509SvidsRequest { requests })
+                    .await?
+                    .into_inner()
+                    .results
+            };
             let mut live = self.lock();
             for r in results {
                 if !r.error.is_empty() {
                     tracing::warn!(entry = %r.entry_id, error = %r.error, "server refused an X.509-SVID");
                     continue;
                 }
+                let expected = live
+                    .state
+                    .entries
+                    .get(&r.entry_id)
+                    .map(|e| e.spiffe_id.clone());
+                if let Some(blob) = bound_keys.remove(&r.entry_id) {
+                    let stored = StoredBoundSvid {
+                        key: blob,
+                        chain: r.cert_chain.iter().map(|c| B64.encode(c)).collect(),
+                        refresh_at: 0,
+                    };
+                    match stored.to_bound() {
+                        Ok((svid, id)) if expected.as_deref() == Some(id.as_str()) => {
+                            let at = refresh_at(now_unix(), svid.not_after);
+                            live.state.bound.insert(
+                                r.entry_id.clone(),
+                                StoredBoundSvid {
+                                    refresh_at: at,
+                                    ..stored
+                                },
+                            );
+                            live.bound.insert(r.entry_id, (Arc::new(svid), at));
+                            changed = true;
+                        }
+                        Ok(_) => {
+                            tracing::warn!(entry = %r.entry_id, "server returned a bound SVID for another identity")
+                        }
+                        Err(e) => {
+                            tracing::warn!(entry = %r.entry_id, error = %e, "server returned an invalid bound SVID")
+                        }
+                    }
+                    continue;
+                }
                 let Some(key) = keys.remove(&r.entry_id) else {
                     continue;
                 };
                 match X509Svid::new(r.cert_chain.into_iter().map(Into::into).collect(), key) {
-                    Ok(svid)
-                        if live
-                            .state
-                            .entries
-                            .get(&r.entry_id)
-                            .is_some_and(|e| e.spiffe_id == svid.spiffe_id().as_str()) =>
-                    {
+                    Ok(svid) if expected.as_deref() == Some(svid.spiffe_id().as_str()) => {
                         let stored = StoredSvid::from_svid(&svid);
                         let at = stored.refresh_at;
                         live.state.svids.insert(r.entry_id.clone(), stored);
@@ -706,6 +838,95 @@ impl ServerIdentitySource {
     }
 }
 
+impl ServerIdentitySource {
+    /// For each TPM-bound entry in `ids`: its key (made in the TPM the
+    /// first time, and again if the TPM can no longer use it) and the
+    /// request carrying the AK's certification of it. Keys are persisted
+    /// before they are sent. An entry whose key cannot be certified now is
+    /// left for the next sync.
+    async fn bound_requests(
+        &self,
+        holder: &Arc<dyn WorkloadKeyHolder>,
+        ids: &[String],
+    ) -> Result<Vec<(String, BoundKeyBlob, pb::X509SvidRequest)>, SyncError> {
+        let mut out = Vec::new();
+        let mut created = false;
+        for id in ids {
+            let existing = self.lock().state.bound.get(id).map(|b| b.key.clone());
+            let (holder, id_owned) = (holder.clone(), id.clone());
+            let made = tokio::task::spawn_blocking(move || {
+                let mut fresh = false;
+                let mut blob = match existing {
+                    Some(b) => b,
+                    None => {
+                        fresh = true;
+                        holder.create()?
+                    }
+                };
+                let cert = match holder.certify(&blob, &id_owned) {
+                    Err(KeyHolderError::KeyUnusable(why)) if !fresh => {
+                        tracing::warn!(entry = %id_owned, error = %why, "the TPM-bound key is unusable; making a new one");
+                        fresh = true;
+                        blob = holder.create()?;
+                        holder.certify(&blob, &id_owned)?
+                    }
+                    other => other?,
+                };
+                Ok::<_, KeyHolderError>((blob, cert, fresh))
+            })
+            .await
+            .map_err(|e| SyncError::Invalid(format!("TPM task: {e}")))?;
+            let (blob, cert, fresh) = match made {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(entry = %id, error = %e, "cannot certify the TPM-bound key now");
+                    continue;
+                }
+            };
+            let public = match blob.public() {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(entry = %id, error = %e, "the TPM made an unexpected key");
+                    continue;
+                }
+            };
+            if fresh {
+                // Persist the new key (without a certificate yet) before the
+                // server sees it: its private blob is only in memory so far.
+                let mut live = self.lock();
+                live.state.bound.insert(
+                    id.clone(),
+                    StoredBoundSvid {
+                        key: blob.clone(),
+                        chain: Vec::new(),
+                        refresh_at: 0,
+                    },
+                );
+                live.bound.remove(id);
+                created = true;
+            }
+            out.push((
+                id.clone(),
+                blob,
+                pb::X509SvidRequest {
+                    entry_id: id.clone(),
+                    public_key: public.spki,
+                    csr: Vec::new(),
+                    tpm_key: Some(pb::TpmKeyCertification {
+                        public: cert.public,
+                        certify_info: cert.certify_info,
+                        signature: cert.signature,
+                    }),
+                },
+            ));
+        }
+        if created {
+            self.lock().state.save(&self.inner.data_dir)?;
+        }
+        Ok(out)
+    }
+}
+
 impl IdentitySource for ServerIdentitySource {
     fn subscribe(&self) -> watch::Receiver<Arc<IdentitySnapshot>> {
         self.inner.tx.subscribe()
@@ -716,12 +937,23 @@ impl IdentitySource for ServerIdentitySource {
         authorized: &'a AuthorizedAudience,
     ) -> BoxFuture<'a, Result<MintedJwtSvid, SourceError>> {
         Box::pin(async move {
+            let cnf_jkt = match authorized.entry().key_binding {
+                KeyBinding::Tpm => self
+                    .lock()
+                    .bound
+                    .get(&authorized.entry().id)
+                    .map(|(b, _)| b.jkt.clone())
+                    .ok_or_else(|| {
+                        SourceError::Unavailable("the TPM-bound key is not certified yet".into())
+                    })?,
+                _ => String::new(),
+            };
             let mut api = self.api();
             let resp = api
                 .mint_jwt_svid(pb::MintJwtSvidRequest {
                     spiffe_id: authorized.entry().spiffe_id.to_string(),
                     audience: authorized.audience().to_owned(),
-                    cnf_jkt: String::new(),
+                    cnf_jkt,
                 })
                 .await
                 .map_err(|s| match s.code() {
@@ -739,6 +971,33 @@ impl IdentitySource for ServerIdentitySource {
                 token: resp.token,
                 expiry: resp.expires_at,
             })
+        })
+    }
+
+    fn sign_with_bound_key<'a>(
+        &'a self,
+        entry: &'a RegistrationEntry,
+        digest: [u8; 32],
+    ) -> BoxFuture<'a, Result<[u8; 64], SourceError>> {
+        Box::pin(async move {
+            let Some(holder) = self.inner.keys.clone() else {
+                return Err(SourceError::UnknownEntry(entry.id.clone()));
+            };
+            // Only a key whose certificate is being served signs.
+            let blob = {
+                let live = self.lock();
+                match (live.bound.get(&entry.id), live.state.bound.get(&entry.id)) {
+                    (Some(_), Some(stored)) => stored.key.clone(),
+                    _ => return Err(SourceError::UnknownEntry(entry.id.clone())),
+                }
+            };
+            tokio::task::spawn_blocking(move || holder.sign(&blob, &digest))
+                .await
+                .map_err(|e| SourceError::Internal(format!("TPM task: {e}")))?
+                .map_err(|e| match e {
+                    KeyHolderError::Failed(why) => SourceError::Unavailable(why),
+                    other => SourceError::Internal(other.to_string()),
+                })
         })
     }
 }

@@ -46,6 +46,22 @@ pub struct RegistrationEntry {
     pub x509_ttl: Duration,
     /// JWT-SVID lifetime.
     pub jwt_ttl: Duration,
+    /// Where the workload's key lives.
+    pub key_binding: KeyBinding,
+}
+
+/// Where an entry's workload key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum KeyBinding {
+    /// A software key the agent generates and hands to the workload with
+    /// its X.509-SVID (the standard Workload API).
+    #[default]
+    None,
+    /// A key in the agent's TPM that never leaves it: served only by the
+    /// workload key service (`sigil.workload.v1`), never by the standard
+    /// Workload API, which must hand out a private key.
+    Tpm,
 }
 
 impl RegistrationEntry {
@@ -61,6 +77,7 @@ impl RegistrationEntry {
             federates_with: Vec::new(),
             x509_ttl: DEFAULT_X509_TTL,
             jwt_ttl: DEFAULT_JWT_TTL,
+            key_binding: KeyBinding::None,
         }
     }
 }

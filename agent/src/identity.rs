@@ -11,6 +11,7 @@
 
 use crate::entry::{AuthorizedAudience, RegistrationEntry};
 use futures::future::BoxFuture;
+use rustls_pki_types::CertificateDer;
 use sigil::{AssuranceLevel, BundleSet, SpiffeId, TrustDomain, X509Svid};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -39,6 +40,9 @@ pub struct IdentitySnapshot {
     /// The current X.509-SVID of each entry, by entry ID. An entry without
     /// one yet is not served until it has one.
     pub x509_svids: BTreeMap<String, Arc<X509Svid>>,
+    /// The current X.509-SVID of each TPM-bound entry, by entry ID:
+    /// certificates only, the key stays in the TPM.
+    pub bound_svids: BTreeMap<String, Arc<BoundSvid>>,
     /// Bundles: this trust domain's and federated ones, X.509 and JWT.
     pub bundles: BundleSet,
 }
@@ -51,9 +55,24 @@ impl IdentitySnapshot {
             node,
             entries: Vec::new(),
             x509_svids: BTreeMap::new(),
+            bound_svids: BTreeMap::new(),
             bundles: BundleSet::new(),
         }
     }
+}
+
+/// The X.509-SVID of a TPM-bound entry: no private key, only what the
+/// workload needs to present it and to ask the agent to sign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundSvid {
+    /// DER certificates, leaf first; the leaf certifies the TPM key.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// notAfter of the leaf, Unix seconds.
+    pub not_after: i64,
+    /// The TPM key's uncompressed SEC1 point.
+    pub public_sec1: Vec<u8>,
+    /// The key's RFC 7638 thumbprint (`cnf.jkt` of bound JWT-SVIDs).
+    pub jkt: String,
 }
 
 /// A minted JWT-SVID.
@@ -91,9 +110,22 @@ pub trait IdentitySource: Send + Sync + 'static {
     fn subscribe(&self) -> watch::Receiver<Arc<IdentitySnapshot>>;
 
     /// A JWT-SVID for the authorized entry carrying exactly the authorized
-    /// audience. Sources may cache tokens per (entry, audience).
+    /// audience. Sources may cache tokens per (entry, audience). For a
+    /// TPM-bound entry the token is bound (`cnf.jkt`) to the entry's TPM key.
     fn fetch_jwt_svid<'a>(
         &'a self,
         authorized: &'a AuthorizedAudience,
     ) -> BoxFuture<'a, Result<MintedJwtSvid, SourceError>>;
+
+    /// Signs a SHA-256 digest with the TPM key of `entry` (one of the
+    /// snapshot's `bound_svids`): fixed `r || s`. The caller has attested
+    /// and matched the entry. Sources without TPM-bound keys refuse.
+    fn sign_with_bound_key<'a>(
+        &'a self,
+        entry: &'a RegistrationEntry,
+        digest: [u8; 32],
+    ) -> BoxFuture<'a, Result<[u8; 64], SourceError>> {
+        let _ = digest;
+        Box::pin(async move { Err(SourceError::UnknownEntry(entry.id.clone())) })
+    }
 }

@@ -10,7 +10,7 @@
 //! request ([`AuthorizedAudience`]): it never widens what a caller may get.
 //! It holds at most [`MAX_CACHED_TOKENS`] tokens; expired ones go first.
 
-use crate::entry::AuthorizedAudience;
+use crate::entry::{AuthorizedAudience, KeyBinding, RegistrationEntry};
 use crate::identity::{IdentitySnapshot, IdentitySource, MintedJwtSvid, SourceError};
 use futures::future::BoxFuture;
 use sigil::SpiffeId;
@@ -98,6 +98,11 @@ impl<S: IdentitySource> JwtSvidCache<S> {
     }
 
     async fn fetch(&self, authorized: &AuthorizedAudience) -> Result<MintedJwtSvid, SourceError> {
+        // Key-bound tokens are not cached: their `cnf` follows the entry's
+        // current TPM key, which the cache cannot see.
+        if authorized.entry().key_binding == KeyBinding::Tpm {
+            return self.inner.fetch_jwt_svid(authorized).await;
+        }
         let key = Key {
             entry_id: authorized.entry().id.clone(),
             spiffe_id: authorized.entry().spiffe_id.clone(),
@@ -153,6 +158,14 @@ impl<S: IdentitySource> IdentitySource for JwtSvidCache<S> {
         authorized: &'a AuthorizedAudience,
     ) -> BoxFuture<'a, Result<MintedJwtSvid, SourceError>> {
         Box::pin(self.fetch(authorized))
+    }
+
+    fn sign_with_bound_key<'a>(
+        &'a self,
+        entry: &'a RegistrationEntry,
+        digest: [u8; 32],
+    ) -> BoxFuture<'a, Result<[u8; 64], SourceError>> {
+        self.inner.sign_with_bound_key(entry, digest)
     }
 }
 

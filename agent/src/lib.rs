@@ -19,6 +19,7 @@
 //! audit log gets the detail.
 
 pub mod audit;
+pub mod bound_keys;
 pub mod cache;
 pub mod entry;
 pub mod identity;

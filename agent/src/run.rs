@@ -254,6 +254,7 @@ pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
         revision: 0,
         entries: Default::default(),
         svids: Default::default(),
+        bound: Default::default(),
     })
 }
 
@@ -287,7 +288,11 @@ async fn join_token_state(cfg: &Config) -> Result<AgentState> {
 async fn tpm_state(
     cfg: &Config,
     tcti: &str,
-) -> Result<(AgentState, Arc<dyn crate::cache::Reattestor>)> {
+) -> Result<(
+    AgentState,
+    Arc<dyn crate::cache::Reattestor>,
+    Arc<dyn crate::bound_keys::WorkloadKeyHolder>,
+)> {
     use crate::tpm::{Tpm, TpmNodeAttestor};
     let (tcti_owned, dir) = (tcti.to_owned(), cfg.data_dir.clone());
     let (tpm, key) = tokio::task::spawn_blocking(move || {
@@ -318,7 +323,8 @@ async fn tpm_state(
             }
             tracing::info!(agent_id = %s.agent_id, "resuming with the identity in the data dir; attesting again with the TPM");
             s.agent_svid.refresh_at = 0;
-            Ok((s, Arc::new(attestor)))
+            let keys = Arc::new(attestor.workload_keys());
+            Ok((s, Arc::new(attestor), keys))
         }
         None => {
             let (td, trust) = first_start_trust(cfg)?;
@@ -337,9 +343,11 @@ async fn tpm_state(
                 revision: 0,
                 entries: Default::default(),
                 svids: Default::default(),
+                bound: Default::default(),
             };
             s.save(&cfg.data_dir).context("saving the agent state")?;
-            Ok((s, Arc::new(attestor)))
+            let keys = Arc::new(attestor.workload_keys());
+            Ok((s, Arc::new(attestor), keys))
         }
     }
 }
@@ -348,19 +356,24 @@ async fn tpm_state(
 pub async fn run(args: RunArgs) -> Result<()> {
     let cfg = Config::resolve(args)?;
     private_dir(&cfg.data_dir)?;
-    let (state, reattestor) = match &cfg.tpm {
-        None => (join_token_state(&cfg).await?, None),
+    let (state, reattestor, keys) = match &cfg.tpm {
+        None => (join_token_state(&cfg).await?, None, None),
         #[cfg(feature = "tpm")]
         Some(tcti) => {
-            let (state, attestor) = tpm_state(&cfg, tcti).await?;
-            (state, Some(attestor))
+            let (state, attestor, keys) = tpm_state(&cfg, tcti).await?;
+            (state, Some(attestor), Some(keys))
         }
         #[cfg(not(feature = "tpm"))]
         Some(_) => bail!("--tpm: this sigil-agent was built without TPM support"),
     };
-    let source =
-        ServerIdentitySource::with_reattestor(&cfg.server, state, cfg.data_dir.clone(), reattestor)
-            .map_err(|e| anyhow!(e))?;
+    let source = ServerIdentitySource::with_reattestor(
+        &cfg.server,
+        state,
+        cfg.data_dir.clone(),
+        reattestor,
+        keys,
+    )
+    .map_err(|e| anyhow!(e))?;
     let sync = tokio::spawn(source.clone().run(cfg.sync_interval));
     let audit = Arc::new(
         JsonLinesAudit::append_to(&cfg.audit_log)

@@ -28,10 +28,12 @@
 //! entry: tools that only validate need no registration. It validates with
 //! [`JwtSvidValidator`] against every bundle the agent holds.
 
+mod keys;
+
 use crate::audit::{AuditEvent, AuditSink, Outcome};
 use crate::entry::{
-    AuthzError, RegistrationEntry, RequestError, authorize_jwt, check_audience, matching_entries,
-    requested_spiffe_id, single_audience,
+    AuthzError, KeyBinding, RegistrationEntry, RequestError, authorize_jwt, check_audience,
+    matching_entries, requested_spiffe_id, single_audience,
 };
 use crate::identity::{IdentitySnapshot, IdentitySource, SourceError};
 use crate::workload_attest::{
@@ -39,6 +41,7 @@ use crate::workload_attest::{
 };
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use sigil::JwtSvidValidator;
+use sigil::proto::keys::v1::workload_keys_server::WorkloadKeysServer;
 use sigil::proto::workload as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
@@ -532,9 +535,13 @@ impl WorkloadApi {
         health
             .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
             .await;
+        health
+            .set_serving::<WorkloadKeysServer<WorkloadApi>>()
+            .await;
         tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(SpiffeWorkloadApiServer::new(self))
+            .add_service(SpiffeWorkloadApiServer::new(self.clone()))
+            .add_service(WorkloadKeysServer::new(self))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 self_stop.send_replace(true);
@@ -696,10 +703,23 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let audience = single_audience(&request.get_ref().audience)?.to_owned();
         let requested = requested_spiffe_id(&request.get_ref().spiffe_id)?;
         let (caller, matched) = self.attest_and_match(RPC, &request).await?;
-        let refs: Vec<_> = matched.iter().collect();
+        // TPM-bound entries get key-bound tokens from the workload key
+        // service only: a bearer client could not prove the key.
+        let refs: Vec<_> = matched
+            .iter()
+            .filter(|e| e.key_binding == KeyBinding::None)
+            .collect();
         let mut event = self.event(RPC, Some(&caller), Outcome::Allowed);
         event.audience = Some(audience.clone());
         event.entry_ids = matched.iter().map(|e| e.id.clone()).collect();
+        if refs.is_empty() {
+            event.outcome = Outcome::Denied;
+            event.reason = Some(
+                "the caller's entries bind their keys to the TPM: JWT-SVIDs for them come from sigil.workload.v1".into(),
+            );
+            self.audit.record(&event);
+            return Err(Status::permission_denied(NO_IDENTITY));
+        }
         let authorized = match authorize_jwt(&refs, requested.as_ref(), &audience) {
             Ok(a) => a,
             Err(e) => {

@@ -61,9 +61,10 @@ fn srk_template() -> Result<Public, TpmError> {
         .op("SRK template")
 }
 
-/// The agent key: ECC P-256, ECDSA-SHA256, sign (not decrypt, not
-/// restricted), fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth.
-fn agent_key_template() -> Result<Public, TpmError> {
+/// The agent key and TPM-bound workload keys: ECC P-256, ECDSA-SHA256, sign
+/// (not decrypt, not restricted), fixedTPM, fixedParent,
+/// sensitiveDataOrigin, userWithAuth.
+pub(super) fn resident_signing_key_template() -> Result<Public, TpmError> {
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -135,7 +136,7 @@ fn hex_sha256(b: &[u8]) -> String {
 /// The key's TPMT_PUBLIC, checked with `sigil::tpm` (the server's own
 /// checks): an ECC P-256 unrestricted signing key, fixedTPM, fixedParent,
 /// sensitiveDataOrigin. Returns (TPMT_PUBLIC, SEC1 point, SPKI).
-fn checked_public(public: &Public) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+pub(super) fn checked_public(public: &Public) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     let tpmt = public.marshall().ok()?;
     let parsed = sigil::tpm::TpmPublic::parse(&tpmt).ok()?;
     parsed.check_resident_signing_key().ok()?;
@@ -143,7 +144,7 @@ fn checked_public(public: &Public) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
     Some((tpmt, sec1, parsed.spki_der()))
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TpmError> {
+pub(super) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TpmError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let blob_err = |source| TpmError::Blob {
@@ -166,11 +167,19 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TpmError> {
 }
 
 impl Tpm {
-    fn with_srk<T>(
+    pub(super) fn with_srk<T>(
         &self,
         f: impl FnOnce(&mut tss_esapi::Context, KeyHandle) -> Result<T, TpmError>,
     ) -> Result<T, TpmError> {
-        let mut ctx = self.lock();
+        self.with_srk_locked(&mut self.lock(), f)
+    }
+
+    /// [`Self::with_srk`] for a caller that holds the TPM lock.
+    pub(super) fn with_srk_locked<T>(
+        &self,
+        ctx: &mut tss_esapi::Context,
+        f: impl FnOnce(&mut tss_esapi::Context, KeyHandle) -> Result<T, TpmError>,
+    ) -> Result<T, TpmError> {
         let template = srk_template()?;
         let srk = ctx
             .execute_with_nullauth_session(|c| {
@@ -178,7 +187,7 @@ impl Tpm {
             })
             .op("create the storage primary key")?
             .key_handle;
-        let out = f(&mut ctx, srk);
+        let out = f(ctx, srk);
         // A loaded child stays usable after its parent is flushed.
         if let Err(e) = ctx.flush_context(srk.into()) {
             tracing::warn!(error = %e, "could not flush the storage primary key");
@@ -206,7 +215,7 @@ impl Tpm {
                 Err(e) => return Err(e),
             }
         }
-        let template = agent_key_template()?;
+        let template = resident_signing_key_template()?;
         let (public, private, handle) = self.with_srk(|ctx, srk| {
             let created = ctx
                 .execute_with_nullauth_session(|c| c.create(srk, template, None, None, None, None))
@@ -293,31 +302,8 @@ impl AgentKey {
 
     /// ECDSA-SHA256 signature by the TPM over a SHA-256 `digest`, DER.
     pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, TpmError> {
-        let d = Digest::try_from(digest.as_slice()).op("digest")?;
-        let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
-            tag: TPM2_ST_HASHCHECK,
-            hierarchy: TPM2_RH_NULL,
-            digest: Default::default(),
-        })
-        .op("null hashcheck ticket")?;
-        let scheme = SignatureScheme::EcDsa {
-            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
-        };
-        let sig = self
-            .0
-            .tpm
-            .lock()
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.sign(self.0.handle, d, scheme, ticket)
-            })
-            .op("sign")?;
-        let Signature::EcDsa(sig) = sig else {
-            return Err(TpmError::Unexpected("the TPM signed with another scheme"));
-        };
-        Ok(der::ecdsa_sig_der(
-            sig.signature_r().value(),
-            sig.signature_s().value(),
-        ))
+        let (r, s) = sign_loaded(&mut self.0.tpm.lock(), self.0.handle, digest)?;
+        Ok(der::ecdsa_sig_der(&r, &s))
     }
 
     /// A rustls signing key backed by this TPM key (ECDSA P-256 SHA-256),
@@ -325,6 +311,37 @@ impl AgentKey {
     pub fn rustls_signing_key(&self) -> Arc<dyn rustls::sign::SigningKey> {
         Arc::new(TpmSigningKey(self.clone()))
     }
+}
+
+/// TPM2_Sign with the loaded key `handle` over a SHA-256 `digest`
+/// (ECDSA-SHA256, password session): (r, s) as the TPM returned them.
+pub(super) fn sign_loaded(
+    ctx: &mut tss_esapi::Context,
+    handle: KeyHandle,
+    digest: &[u8; 32],
+) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    let d = Digest::try_from(digest.as_slice()).op("digest")?;
+    let ticket = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+        tag: TPM2_ST_HASHCHECK,
+        hierarchy: TPM2_RH_NULL,
+        digest: Default::default(),
+    })
+    .op("null hashcheck ticket")?;
+    let scheme = SignatureScheme::EcDsa {
+        hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+    };
+    let sig = ctx
+        .execute_with_session(Some(AuthSession::Password), |c| {
+            c.sign(handle, d, scheme, ticket)
+        })
+        .op("sign")?;
+    let Signature::EcDsa(sig) = sig else {
+        return Err(TpmError::Unexpected("the TPM signed with another scheme"));
+    };
+    Ok((
+        sig.signature_r().value().to_vec(),
+        sig.signature_s().value().to_vec(),
+    ))
 }
 
 /// rustls [`SigningKey`](rustls::sign::SigningKey) over an [`AgentKey`]:

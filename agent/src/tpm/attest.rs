@@ -15,6 +15,7 @@ use tss_esapi::structures::{
     Data, EncryptedSecret, IdObject, Public, SignatureScheme, SymmetricDefinition,
 };
 use tss_esapi::traits::Marshall;
+use tss_esapi::utils::TpmsContext;
 
 /// NV index of the RSA 2048 EK certificate (TCG EK Credential Profile 2.3,
 /// section 2.2.1.4).
@@ -22,14 +23,18 @@ pub const RSA_2048_EK_CERT_NV_INDEX: u32 = 0x01c0_0002;
 
 const EK_ALG: AsymmetricAlgorithmSelection = AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048);
 
-/// An endorsement key and a fresh attestation key, loaded in the TPM for
-/// one node attestation. Dropping it flushes both.
+/// An endorsement key and a fresh attestation key for one node attestation.
+///
+/// Neither stays loaded between TPM operations: both are kept as saved
+/// contexts (TPM2_ContextSave) and loaded only inside one locked operation,
+/// then flushed again. A TPM without a resource manager (swtpm holds three
+/// transient objects) can then serve the agent key and workload keys while
+/// an attestation waits for the server.
 pub struct Attestation {
     tpm: Tpm,
-    ek: KeyHandle,
-    ak: KeyHandle,
+    ek: TpmsContext,
+    ak: SavedAk,
     ek_public: Public,
-    ak_public: Public,
     ek_certificate: Option<Vec<u8>>,
 }
 
@@ -41,14 +46,49 @@ impl std::fmt::Debug for Attestation {
     }
 }
 
-impl Drop for Attestation {
-    fn drop(&mut self) {
-        let mut ctx = self.tpm.lock();
-        for h in [self.ak, self.ek] {
-            if let Err(e) = ctx.flush_context(h.into()) {
-                tracing::warn!(error = %e, "could not flush an attestation key");
-            }
-        }
+/// The attestation key of an attestation, kept as a saved context after
+/// the attestation succeeded: it certifies TPM-bound workload keys for the
+/// server (`X509SvidRequest.tpm_key`), which trusts it because the
+/// credential activation bound it to this TPM's EK. Valid until the TPM is
+/// reset (a reboot); the agent attests again at every start.
+#[derive(Clone)]
+pub struct SavedAk {
+    context: TpmsContext,
+    public: Public,
+}
+
+impl std::fmt::Debug for SavedAk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SavedAk")
+    }
+}
+
+/// Loads a saved object context; the caller flushes the handle.
+pub(super) fn load_saved(
+    ctx: &mut tss_esapi::Context,
+    saved: &TpmsContext,
+    op: &'static str,
+) -> Result<KeyHandle, TpmError> {
+    ctx.context_load(saved.clone()).map(KeyHandle::from).op(op)
+}
+
+/// Saves the context of a loaded object and flushes it.
+fn save_and_flush(
+    ctx: &mut tss_esapi::Context,
+    handle: KeyHandle,
+    op: &'static str,
+) -> Result<TpmsContext, TpmError> {
+    let saved = ctx.context_save(handle.into()).op(op);
+    if let Err(e) = ctx.flush_context(handle.into()) {
+        tracing::warn!(error = %e, "could not flush a TPM object after saving it");
+    }
+    saved
+}
+
+/// Flushes `handle`, logging a failure.
+pub(super) fn flush(ctx: &mut tss_esapi::Context, handle: KeyHandle) {
+    if let Err(e) = ctx.flush_context(handle.into()) {
+        tracing::warn!(error = %e, "could not flush a TPM object");
     }
 }
 
@@ -89,8 +129,16 @@ impl Tpm {
             let cert = read_ek_certificate(&mut ctx);
             Ok((ak_handle, ak_public, cert))
         })();
-        match rest {
-            Ok((ak, ak_public, cert)) => {
+        let saved = rest.and_then(|(ak, ak_public, cert)| {
+            let ak_ctx = save_and_flush(&mut ctx, ak, "save the AK context")?;
+            Ok((ak_ctx, ak_public, cert))
+        });
+        let saved = saved.and_then(|(ak_ctx, ak_public, cert)| {
+            let ek_ctx = save_and_flush(&mut ctx, ek_handle, "save the EK context")?;
+            Ok((ek_ctx, ak_ctx, ak_public, cert))
+        });
+        match saved {
+            Ok((ek_ctx, ak_ctx, ak_public, cert)) => {
                 let ek_certificate = match cert {
                     Ok(c) => c,
                     Err(e) => {
@@ -101,14 +149,18 @@ impl Tpm {
                 drop(ctx);
                 Ok(Attestation {
                     tpm: self.clone(),
-                    ek: ek_handle,
-                    ak,
+                    ek: ek_ctx,
+                    ak: SavedAk {
+                        context: ak_ctx,
+                        public: ak_public,
+                    },
                     ek_public: ek.out_public,
-                    ak_public,
                     ek_certificate,
                 })
             }
             Err(e) => {
+                // Whatever is still loaded goes (a flushed handle fails
+                // harmlessly).
                 let _ = ctx.flush_context(ek_handle.into());
                 Err(e)
             }
@@ -167,12 +219,18 @@ impl Attestation {
 
     /// TPMT_PUBLIC of the AK.
     pub fn ak_public(&self) -> Result<Vec<u8>, TpmError> {
-        marshall(&self.ak_public)
+        self.ak.public_tpmt()
     }
 
     /// The DER EK certificate from NV, if the TPM has one.
     pub fn ek_certificate(&self) -> Option<&[u8]> {
         self.ek_certificate.as_deref()
+    }
+
+    /// The AK, to keep for certifying workload keys once the server has
+    /// accepted this attestation.
+    pub fn ak(&self) -> SavedAk {
+        self.ak.clone()
     }
 
     /// TPM2_ActivateCredential: the secret the server sealed to (EK, Name of
@@ -188,43 +246,18 @@ impl Attestation {
         let blob = IdObject::try_from(credential_blob).op("credential blob")?;
         let secret = EncryptedSecret::try_from(encrypted_secret).op("encrypted secret")?;
         let mut ctx = self.tpm.lock();
-        // The EK's policy is PolicySecret(endorsement hierarchy): the EK is
-        // used through a policy session that satisfies it; the AK through
-        // its (empty) password.
-        let session = ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .op("start a policy session")?
-            .ok_or(TpmError::Unexpected("no policy session"))?;
-        let (attrs, mask) = SessionAttributesBuilder::new()
-            .with_decrypt(true)
-            .with_encrypt(true)
-            .build();
-        let (ak, ek) = (self.ak, self.ek);
-        let out = ctx.execute_with_temporary_object(SessionHandle::from(session).into(), |c, _| {
-            c.tr_sess_set_attributes(session, attrs, mask)?;
-            let policy = PolicySession::try_from(session)?;
-            c.execute_with_nullauth_session(|c| {
-                c.policy_secret(
-                    policy,
-                    AuthHandle::Endorsement,
-                    Default::default(),
-                    Default::default(),
-                    Default::default(),
-                    None,
-                )
-            })?;
-            c.execute_with_sessions((Some(AuthSession::Password), Some(session), None), |c| {
-                c.activate_credential(ak, ek, blob, secret)
-            })
-        });
-        Ok(out.op("activate the credential")?.value().to_vec())
+        let ek = load_saved(&mut ctx, &self.ek, "load the EK")?;
+        let ak = match load_saved(&mut ctx, &self.ak.context, "load the AK") {
+            Ok(ak) => ak,
+            Err(e) => {
+                flush(&mut ctx, ek);
+                return Err(e);
+            }
+        };
+        let out = activate(&mut ctx, ek, ak, blob, secret);
+        flush(&mut ctx, ak);
+        flush(&mut ctx, ek);
+        out
     }
 
     /// TPM2_Certify of `key` by the AK with `extra_data` as qualifying data
@@ -235,18 +268,85 @@ impl Attestation {
         key: &AgentKey,
         extra_data: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
-        let data = Data::try_from(extra_data).op("qualifying data")?;
         let mut ctx = self.tpm.lock();
-        let (attest, signature) = ctx
+        self.ak.certify_loaded(&mut ctx, key.handle(), extra_data)
+    }
+}
+
+/// The ActivateCredential exchange on loaded `ek` and `ak`.
+fn activate(
+    ctx: &mut tss_esapi::Context,
+    ek: KeyHandle,
+    ak: KeyHandle,
+    blob: IdObject,
+    secret: EncryptedSecret,
+) -> Result<Vec<u8>, TpmError> {
+    // The EK's policy is PolicySecret(endorsement hierarchy): the EK is
+    // used through a policy session that satisfies it; the AK through its
+    // (empty) password.
+    let session = ctx
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )
+        .op("start a policy session")?
+        .ok_or(TpmError::Unexpected("no policy session"))?;
+    let (attrs, mask) = SessionAttributesBuilder::new()
+        .with_decrypt(true)
+        .with_encrypt(true)
+        .build();
+    let out = ctx.execute_with_temporary_object(SessionHandle::from(session).into(), |c, _| {
+        c.tr_sess_set_attributes(session, attrs, mask)?;
+        let policy = PolicySession::try_from(session)?;
+        c.execute_with_nullauth_session(|c| {
+            c.policy_secret(
+                policy,
+                AuthHandle::Endorsement,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+                None,
+            )
+        })?;
+        c.execute_with_sessions((Some(AuthSession::Password), Some(session), None), |c| {
+            c.activate_credential(ak, ek, blob, secret)
+        })
+    });
+    Ok(out.op("activate the credential")?.value().to_vec())
+}
+
+impl SavedAk {
+    /// TPMT_PUBLIC of the AK.
+    pub fn public_tpmt(&self) -> Result<Vec<u8>, TpmError> {
+        marshall(&self.public)
+    }
+
+    /// TPM2_Certify of the loaded object `key` by this AK with `extra_data`
+    /// as qualifying data: (TPMS_ATTEST, TPMT_SIGNATURE), marshalled.
+    pub(super) fn certify_loaded(
+        &self,
+        ctx: &mut tss_esapi::Context,
+        key: KeyHandle,
+        extra_data: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+        let data = Data::try_from(extra_data).op("qualifying data")?;
+        let ak = load_saved(ctx, &self.context, "load the AK")?;
+        let out = ctx
             .execute_with_sessions(
                 (
                     Some(AuthSession::Password),
                     Some(AuthSession::Password),
                     None,
                 ),
-                |c| c.certify(key.handle().into(), self.ak, data, SignatureScheme::Null),
+                |c| c.certify(key.into(), ak, data, SignatureScheme::Null),
             )
-            .op("certify the agent key")?;
+            .op("certify a key");
+        flush(ctx, ak);
+        let (attest, signature) = out?;
         Ok((
             attest.marshall().op("marshal TPMS_ATTEST")?,
             signature.marshall().op("marshal TPMT_SIGNATURE")?,

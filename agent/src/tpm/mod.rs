@@ -15,6 +15,13 @@
 //!   dir (the private blob is encrypted by the TPM and useless elsewhere) and
 //!   are reloaded after a restart. It signs in the TPM; no function returns
 //!   private material.
+//! - [`WorkloadKey`]: the keys of entries with `key_binding = "tpm"`, made
+//!   the same way, certified by the AK of the latest attestation
+//!   ([`SavedAk`]) for the server, and loaded only for one operation at a
+//!   time.
+//! - Between operations only the agent key stays loaded: the EK and AK of an
+//!   attestation and the workload keys are saved contexts, so a TPM without
+//!   a resource manager (swtpm: three object slots) never runs out.
 //!
 //! The tss-esapi context is not `Sync`: it sits behind a mutex, and every
 //! call blocks the calling thread for one or more TPM commands (about a
@@ -24,10 +31,12 @@ mod agent_key;
 mod attest;
 mod der;
 mod node;
+mod workload_key;
 
 pub use agent_key::{AGENT_KEY_PRIV, AGENT_KEY_PUB, AgentKey, TpmSigningKey};
-pub use attest::Attestation;
-pub use node::{TpmAttestError, TpmAttested, TpmNodeAttestor};
+pub use attest::{Attestation, SavedAk};
+pub use node::{TpmAttestError, TpmAttested, TpmNodeAttestor, TpmWorkloadKeys};
+pub use workload_key::WorkloadKey;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

@@ -9,14 +9,16 @@
 //! The same exchange renews the agent SVID ([`Reattestor`]): a TPM agent
 //! does not call `RenewAgent`.
 
-use super::{AgentKey, Tpm, TpmError};
+use super::{AgentKey, SavedAk, Tpm, TpmError, WorkloadKey};
+use crate::bound_keys::{BoundKeyBlob, KeyCertification, KeyHolderError, WorkloadKeyHolder};
 use crate::cache::{Reattested, Reattestor};
 use crate::node_client::NodeClient;
 use futures::future::BoxFuture;
 use sigil::proto::node::v1 as pb;
 use sigil::source::SharedBundles;
 use sigil::{SpiffeId, TrustDomain, X509Svid};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Why TPM attestation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub struct TpmNodeAttestor {
     server: String,
     td: TrustDomain,
     agent_id: SpiffeId,
+    /// The AK of the latest attestation the server accepted.
+    ak: Arc<Mutex<Option<SavedAk>>>,
 }
 
 /// A successful attestation.
@@ -86,7 +90,18 @@ impl TpmNodeAttestor {
             server: server.to_owned(),
             td,
             agent_id,
+            ak: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The holder of this node's TPM-bound workload keys, certifying with
+    /// the AK of the latest accepted attestation.
+    pub fn workload_keys(&self) -> TpmWorkloadKeys {
+        TpmWorkloadKeys {
+            tpm: self.tpm.clone(),
+            ak: self.ak.clone(),
+            loaded: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 
     /// The ID this node attests as.
@@ -125,6 +140,7 @@ impl TpmNodeAttestor {
             ));
         };
         let key = self.key.clone();
+        let ak = att.ak();
         let (att, secret, certify_info, signature) = blocking(move || {
             let secret = att.activate_credential(
                 &tpm_challenge.credential_blob,
@@ -168,6 +184,8 @@ impl TpmNodeAttestor {
                 self.agent_id
             )));
         }
+        // The server accepted this AK: it certifies workload keys from now on.
+        *self.ak.lock().unwrap_or_else(PoisonError::into_inner) = Some(ak);
         Ok(TpmAttested {
             svid: Reattested {
                 chain,
@@ -192,5 +210,92 @@ impl Reattestor for TpmNodeAttestor {
             tracing::info!(agent_id = %done.agent_id, level = %done.assurance_level, "attested again with the TPM");
             Ok(done.svid)
         })
+    }
+}
+
+/// The TPM-bound workload keys of a TPM agent ([`WorkloadKeyHolder`]).
+#[derive(Clone)]
+pub struct TpmWorkloadKeys {
+    tpm: Tpm,
+    ak: Arc<Mutex<Option<SavedAk>>>,
+    /// Parsed keys (with their saved contexts) by TPMT_PUBLIC.
+    loaded: Arc<Mutex<HashMap<String, WorkloadKey>>>,
+}
+
+impl std::fmt::Debug for TpmWorkloadKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TpmWorkloadKeys")
+    }
+}
+
+/// Upper bound on parsed keys kept in memory (one per bound entry).
+const MAX_LOADED_KEYS: usize = 4096;
+
+fn holder_error(e: TpmError) -> KeyHolderError {
+    match e {
+        // The private blob no longer loads under this TPM's storage key.
+        TpmError::Command { op, .. } if op.starts_with("load a workload key") => {
+            KeyHolderError::KeyUnusable(e.to_string())
+        }
+        TpmError::Unexpected(_) | TpmError::CorruptBlob(_) => {
+            KeyHolderError::KeyUnusable(e.to_string())
+        }
+        _ => KeyHolderError::Failed(e.to_string()),
+    }
+}
+
+impl TpmWorkloadKeys {
+    fn key(&self, blob: &BoundKeyBlob) -> Result<WorkloadKey, KeyHolderError> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(k) = loaded.get(&blob.public) {
+            return Ok(k.clone());
+        }
+        let (public, private) = blob.raw()?;
+        let key = self
+            .tpm
+            .workload_key_from_blobs(&public, &private)
+            .map_err(holder_error)?;
+        if loaded.len() >= MAX_LOADED_KEYS {
+            loaded.clear();
+        }
+        loaded.insert(blob.public.clone(), key.clone());
+        Ok(key)
+    }
+}
+
+impl WorkloadKeyHolder for TpmWorkloadKeys {
+    fn create(&self) -> Result<BoundKeyBlob, KeyHolderError> {
+        let key = self.tpm.create_workload_key().map_err(holder_error)?;
+        let blob = BoundKeyBlob::new(key.public_tpmt(), key.private_blob());
+        self.loaded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(blob.public.clone(), key);
+        Ok(blob)
+    }
+
+    fn certify(
+        &self,
+        blob: &BoundKeyBlob,
+        entry_id: &str,
+    ) -> Result<KeyCertification, KeyHolderError> {
+        let ak = self
+            .ak
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(KeyHolderError::NoAttestationKey)?;
+        let key = self.key(blob)?;
+        let extra = sigil::tpm::workload_key_qualifying_data(entry_id);
+        let (certify_info, signature) = key.certify(&ak, &extra).map_err(holder_error)?;
+        Ok(KeyCertification {
+            public: key.public_tpmt().to_vec(),
+            certify_info,
+            signature,
+        })
+    }
+
+    fn sign(&self, blob: &BoundKeyBlob, digest: &[u8; 32]) -> Result<[u8; 64], KeyHolderError> {
+        self.key(blob)?.sign_digest(digest).map_err(holder_error)
     }
 }
