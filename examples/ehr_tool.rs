@@ -55,6 +55,11 @@ struct Args {
     /// The lowest assurance level admitted: al1 (join token), al2, al3 (TPM).
     #[arg(long, default_value = "al1")]
     min_assurance: AssuranceLevel,
+    /// Also accept JWT-SVIDs bound to a TPM key (`cnf`), sent as
+    /// `Authorization: DPoP` with a DPoP proof naming this origin plus the
+    /// request path, e.g. `https://127.0.0.1:8444` (see tpm_workload).
+    #[arg(long)]
+    proof_origin: Option<String>,
     /// `TD=FILE`: validate with this bundle file instead of the Workload
     /// API's JWT bundles (repeatable).
     #[arg(long = "bundle", value_name = "TD=FILE")]
@@ -94,10 +99,14 @@ async fn main() -> anyhow::Result<()> {
         // The whole integration: only JWT-SVIDs for this tool, at the
         // required assurance level. Refusals are 401/403 with
         // WWW-Authenticate; the handler only ever sees verified callers.
-        .layer(
-            JwtSvidLayer::new(AUDIENCE, bundles)
-                .with_policy(PolicySet::new().min_assurance(args.min_assurance)),
-        );
+        .layer({
+            let layer = JwtSvidLayer::new(AUDIENCE, bundles)
+                .with_policy(PolicySet::new().min_assurance(args.min_assurance));
+            match &args.proof_origin {
+                Some(origin) => layer.with_proof_origin(origin.clone()),
+                None => layer,
+            }
+        });
 
     if let Some(addr) = args.mtls_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;

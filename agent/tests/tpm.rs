@@ -425,12 +425,14 @@ fn leftover_transient_handles_of_a_crashed_client_are_flushed_at_open() {
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
     assert_eq!(tpm.transient_handles().unwrap(), 0);
     assert_eq!(tpm.loaded_sessions().unwrap(), 0);
-    // The TPM has room again: agent key + EK + AK = 3 objects.
+    // The TPM has room again. Between operations only the agent key stays
+    // loaded (the EK and AK are saved contexts, loaded per operation).
     let dir = tempfile::tempdir().unwrap();
     let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
     let att = tpm.start_attestation().unwrap();
-    assert_eq!(tpm.transient_handles().unwrap(), 3);
+    assert_eq!(tpm.transient_handles().unwrap(), 1);
     att.certify(&key, &[1; 32]).unwrap();
+    assert_eq!(tpm.transient_handles().unwrap(), 1);
 }
 
 /// Not a test: the crashing client of the test above.
@@ -441,16 +443,16 @@ fn crashing_client_helper() {
         return;
     };
     let tpm = Tpm::open(&tcti).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = tpm.load_or_create_agent_key(dir.path()).unwrap();
-    let att = tpm.start_attestation().unwrap();
-    assert_eq!(tpm.transient_handles().unwrap(), 3);
-    // Full: a fourth object does not fit.
-    assert!(
-        tpm.load_or_create_agent_key(tempfile::tempdir().unwrap().path())
-            .is_err()
-    );
-    std::mem::forget((key, att));
+    // Two agent keys stay loaded while their handles live; with the storage
+    // key that creating a third one loads, swtpm's object memory is full.
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let keys: Vec<_> = dirs[..2]
+        .iter()
+        .map(|d| tpm.load_or_create_agent_key(d.path()).unwrap())
+        .collect();
+    assert_eq!(tpm.transient_handles().unwrap(), 2);
+    assert!(tpm.load_or_create_agent_key(dirs[2].path()).is_err());
+    std::mem::forget(keys);
     std::process::exit(42);
 }
 
@@ -468,4 +470,109 @@ fn open_fails_cleanly_without_a_tpm() {
     // The same TPM works when it is there.
     let swtpm = Swtpm::start();
     assert!(Tpm::open(&swtpm.tcti()).is_ok());
+}
+
+#[test]
+fn workload_keys_sign_certify_and_never_leave_the_tpm() {
+    use tss_esapi::constants::{CommandCode, SessionType};
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::interface_types::session_handles::PolicySession;
+    use tss_esapi::structures::{SymmetricDefinition, SymmetricDefinitionObject};
+
+    let swtpm = Swtpm::start();
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let key = tpm.create_workload_key().unwrap();
+    let (public, private) = (key.public_tpmt().to_vec(), key.private_blob().to_vec());
+    let Public::Ecc {
+        object_attributes: a,
+        ..
+    } = Public::unmarshall(&public).unwrap()
+    else {
+        panic!()
+    };
+    assert!(a.fixed_tpm() && a.fixed_parent() && a.sensitive_data_origin());
+    assert!(!a.encrypted_duplication() && a.sign_encrypt() && !a.decrypt() && !a.restricted());
+    TpmPublic::parse(&public)
+        .unwrap()
+        .check_resident_signing_key()
+        .unwrap();
+    // Nothing stays loaded between operations.
+    assert_eq!(tpm.transient_handles().unwrap(), 0);
+
+    // Signatures verify with the public key (fixed r || s) and only for the
+    // signed digest.
+    let vk = VerifyingKey::from_sec1_bytes(key.public_sec1()).unwrap();
+    let digest = sha256(b"a TLS 1.3 CertificateVerify transcript");
+    let sig = EcdsaSig::from_slice(&key.sign_digest(&digest).unwrap()).unwrap();
+    vk.verify_prehash(&digest, &sig).unwrap();
+    assert!(vk.verify_prehash(&sha256(b"other"), &sig).is_err());
+    assert_eq!(tpm.transient_handles().unwrap(), 0);
+
+    // The AK certifies it for one entry: the server's check accepts exactly
+    // that entry's qualifying data.
+    let att = tpm.start_attestation().unwrap();
+    let ak = att.ak();
+    let extra = sigil::tpm::workload_key_qualifying_data("entry-1");
+    let (info, sig) = key.certify(&ak, &extra).unwrap();
+    let ak_pub = TpmPublic::parse(&att.ak_public().unwrap()).unwrap();
+    let key_pub = TpmPublic::parse(&public).unwrap();
+    sigil::tpm::verify_certify(&ak_pub, &key_pub, &info, &sig, &extra).unwrap();
+    let other_entry = sigil::tpm::workload_key_qualifying_data("entry-2");
+    assert!(sigil::tpm::verify_certify(&ak_pub, &key_pub, &info, &sig, &other_entry).is_err());
+    drop(att);
+
+    // TPM2_Duplicate under the DUP role: refused (fixedTPM).
+    let result = key
+        .with_raw_handle(|ctx, handle| {
+            let session = ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .unwrap()
+                .unwrap();
+            ctx.policy_command_code(
+                PolicySession::try_from(session).unwrap(),
+                CommandCode::Duplicate,
+            )
+            .unwrap();
+            let r = ctx.execute_with_session(Some(session), |c| {
+                c.duplicate(
+                    handle.into(),
+                    tss_esapi::handles::ObjectHandle::Null,
+                    None,
+                    SymmetricDefinitionObject::Null,
+                )
+            });
+            let _ = ctx.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+            r
+        })
+        .unwrap();
+    let err = result.expect_err("a fixedTPM workload key must not duplicate");
+    eprintln!("duplicate refused: {err}");
+    // No TPM command returns a key's sensitive area; what the agent stores
+    // is the private blob encrypted by this TPM's storage key. After a
+    // restart (a new context) the key loads from its blobs…
+    drop(key);
+    drop(tpm);
+    let tpm = Tpm::open(&swtpm.tcti()).unwrap();
+    let again = tpm.workload_key_from_blobs(&public, &private).unwrap();
+    let sig = EcdsaSig::from_slice(&again.sign_digest(&digest).unwrap()).unwrap();
+    vk.verify_prehash(&digest, &sig).unwrap();
+    drop(again);
+    drop(tpm);
+    // …and on another TPM it is useless.
+    let other = Swtpm::start();
+    let tpm2 = Tpm::open(&other.tcti()).unwrap();
+    let foreign = tpm2.workload_key_from_blobs(&public, &private).unwrap();
+    assert!(matches!(
+        foreign.sign_digest(&digest),
+        Err(TpmError::Command { .. })
+    ));
+    // A malformed public blob is refused before it reaches the TPM.
+    assert!(tpm2.workload_key_from_blobs(b"junk", &private).is_err());
 }

@@ -420,3 +420,222 @@ fn reattestation_updates_the_node_assurance_level() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build --examples --all-features",
+        path.display()
+    );
+    path
+}
+
+fn wait_for_port(port: u16, child: &mut Kill, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "exited:\n{}",
+            tail(log)
+        );
+        assert!(Instant::now() < deadline, "port {port} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 5's "TPM-bound workload keys" end to end: a workload whose entry
+/// has `key_binding = "tpm"` gets an X.509-SVID for a key in the agent's
+/// TPM, does mTLS with the example EHR tool through the agent's signing
+/// service, and presents a JWT-SVID bound to that key with a DPoP proof.
+/// No API hands out the private key.
+#[test]
+fn tpm_bound_workload_key_does_mtls_and_dpop_through_the_agent() {
+    use sigil::endpoint::Endpoint;
+    use sigil::validate::pop::{ProofRequest, SoftwareProofKey, build_proof, key_thumbprint};
+    use sigil::workload_keys::{TpmKeySigner, WorkloadKeysClient};
+
+    let env = Env::start(&[]);
+    let swtpm = Swtpm::start();
+    let tcti = swtpm.tcti();
+    let hash = ek_hash(&tcti);
+    env.cli_ok(&["tpm", "allow", &hash]);
+    let agent_id = format!("spiffe://{TD}/agent/tpm/{hash}");
+    let log = env.dir.path().join("agent.log");
+    let _agent = env.start_agent(&tcti, &log);
+
+    let uid = uid();
+    let sel = format!("unix:uid:{uid}");
+    let bound = format!("spiffe://{TD}/workload/tpm-bound");
+    let tool = format!("spiffe://{TD}/tool/ehr");
+    for (id, extra) in [
+        (
+            &bound,
+            &["--audience", "ehr-fhir", "--key-binding", "tpm"][..],
+        ),
+        (&tool, &[][..]),
+    ] {
+        let mut args = vec![
+            "entry",
+            "create",
+            "--spiffe-id",
+            id,
+            "--parent-id",
+            &agent_id,
+            "--selector",
+            &sel,
+        ];
+        args.extend_from_slice(extra);
+        if uid == 0 {
+            args.push("--allow-root");
+        }
+        env.cli_ok(&args);
+    }
+    // The tool's own (software) SVID comes from the standard Workload API.
+    env.wait_for_svid(&tool, &log);
+
+    // The example tool: mTLS listener, key-bound tokens accepted with a
+    // DPoP proof naming its mTLS origin.
+    let (http_port, mtls_port) = (free_port(), free_port());
+    let origin = format!("https://127.0.0.1:{mtls_port}");
+    let tool_log = env.dir.path().join("ehr_tool.log");
+    let mut ehr = Kill(
+        Command::new(example("ehr_tool"))
+            .args(["--listen", &format!("127.0.0.1:{http_port}")])
+            .args(["--mtls-listen", &format!("127.0.0.1:{mtls_port}")])
+            .args(["--proof-origin", &origin])
+            .env(
+                "SPIFFE_ENDPOINT_SOCKET",
+                format!("unix://{}", env.api_socket().display()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&tool_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(mtls_port, &mut ehr, &tool_log);
+
+    // The workload example: mTLS with the TPM key, DPoP-bound JWT-SVID.
+    let url = format!("{origin}/fhir/Patient/example");
+    let out = Command::new(example("tpm_workload"))
+        .args(["--url", &url])
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", env.api_socket().display()),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tpm_workload: {}\n{}\n--- tool ---\n{}\n--- agent ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&tool_log),
+        tail(&log)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["status"], 200, "{line}");
+    let by = &line["body"]["accessedBy"];
+    assert_eq!(by["spiffeId"], bound.as_str(), "{line}");
+    // The TLS client certificate was the TPM-bound SVID.
+    assert_eq!(by["mtlsPeer"], bound.as_str(), "{line}");
+    let amr: Vec<&str> = by["amr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(amr.contains(&"tpm") && amr.contains(&"hwk"), "{line}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let endpoint = Endpoint::parse(&format!("unix://{}", env.api_socket().display())).unwrap();
+
+        // The standard Workload API never hands out the TPM-bound identity
+        // (it would have to include a private key), nor JWTs for it.
+        let mut std_api = sigil::workload::WorkloadApiClient::connect(&endpoint)
+            .await
+            .unwrap();
+        let ctx = std_api.fetch_x509_context().await.unwrap();
+        let ids: Vec<String> = ctx
+            .svids
+            .iter()
+            .map(|s| s.spiffe_id().to_string())
+            .collect();
+        assert_eq!(ids, std::slice::from_ref(&tool));
+        let e = std_api.fetch_jwt_svid("ehr-fhir", None).await.unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e:?}");
+
+        // The key service: chains only, and signatures for the caller's own
+        // TPM-bound identity only.
+        let mut keys = WorkloadKeysClient::connect(&endpoint).await.unwrap();
+        let svids = keys.fetch_x509_svids().await.unwrap();
+        assert_eq!(svids.len(), 1);
+        let svid = &svids[0];
+        assert_eq!(svid.spiffe_id().as_str(), bound);
+        let e = keys.sign_digest(&tool, &[7; 32]).await.unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e:?}");
+        let e = keys
+            .fetch_bound_jwt_svid("calendar", None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(tonic::Code::PermissionDenied), "{e:?}");
+
+        // cnf: accepted with a proof by the TPM key; refused without one and
+        // with a proof by another key.
+        let jwt = keys.fetch_bound_jwt_svid("ehr-fhir", None).await.unwrap();
+        let signer = TpmKeySigner::start(endpoint.clone(), svid).unwrap();
+        assert_eq!(jwt.public_sec1, svid.public_sec1());
+        let bundles = std_api.fetch_jwt_bundles().await.unwrap();
+        let v = sigil::JwtSvidValidator::new("ehr-fhir");
+        let now = std::time::SystemTime::now();
+        assert_eq!(
+            v.validate(&jwt.token, &bundles, now).unwrap_err(),
+            sigil::JwtSvidError::ProofRequired
+        );
+        let req = ProofRequest {
+            method: "GET",
+            uri: "https://ehr.example/fhir/Patient/1",
+        };
+        let unix = now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        let proof = build_proof(&signer, &jwt.token, &req, unix).unwrap();
+        let ok = v
+            .validate_with_proof(&jwt.token, Some(&proof), &req, &bundles, now, None)
+            .unwrap();
+        assert_eq!(ok.cnf_jkt(), Some(key_thumbprint(&signer).as_str()));
+        assert!(
+            v.validate_with_proof(&jwt.token, None, &req, &bundles, now, None)
+                .is_err()
+        );
+        let stranger = SoftwareProofKey::generate().unwrap();
+        let forged = build_proof(&stranger, &jwt.token, &req, unix).unwrap();
+        assert!(
+            v.validate_with_proof(&jwt.token, Some(&forged), &req, &bundles, now, None)
+                .is_err()
+        );
+    });
+
+    // On disk the agent keeps TPM blobs for the bound key, no PKCS#8 and no
+    // software SVID for it.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data_dir().join("agent-state.json")).unwrap())
+            .unwrap();
+    let bound_state = state["bound"].as_object().unwrap();
+    assert_eq!(bound_state.len(), 1);
+    let (entry_id, b) = bound_state.iter().next().unwrap();
+    assert!(b["key"]["public"].is_string() && b["key"]["private"].is_string());
+    assert!(state["svids"].get(entry_id).is_none());
+
+    // Every key-service call was audited by the agent.
+    let audit = std::fs::read_to_string(env.data_dir().join("audit.log")).unwrap();
+    assert!(audit.contains("WorkloadKeys.SignDigest"), "{audit}");
+    assert!(audit.contains("WorkloadKeys.FetchBoundJwtSvid"), "{audit}");
+    drop(ehr);
+}
