@@ -66,8 +66,8 @@ pub struct RunArgs {
     /// device:/dev/tpmrm0 (the kernel resource manager) or
     /// swtpm:host=127.0.0.1,port=2321. The agent SVID's key then lives in
     /// the TPM, and a restart attests again without a token. Needs the
-    /// `tpm` build feature.
-    #[arg(long, value_name = "TCTI")]
+    /// `tpm` build feature. `--tpm` alone means device:/dev/tpmrm0.
+    #[arg(long, value_name = "TCTI", num_args = 0..=1, default_missing_value = DEFAULT_TCTI)]
     pub tpm: Option<String>,
 }
 
@@ -213,6 +213,9 @@ fn first_start_trust(cfg: &Config) -> Result<(TrustDomain, Arc<SharedBundles>)> 
     ));
     Ok((td, trust))
 }
+
+/// The TCTI of `--tpm` without a value: the kernel's TPM resource manager.
+pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
 
 /// Attests with a join token and returns the initial state.
 pub async fn attest_join_token(cfg: &Config) -> Result<AgentState> {
@@ -454,5 +457,28 @@ mod tests {
             let e = format!("{:#}", r.unwrap_err());
             assert!(e.contains("built without TPM support"), "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn tpm_flag_alone_means_the_kernel_resource_manager() {
+        let c = Cli::try_parse_from(["x", "--tpm", "--server", "h:1"]).unwrap();
+        assert_eq!(c.run.tpm.as_deref(), Some(DEFAULT_TCTI));
+        assert_eq!(c.run.server.as_deref(), Some("h:1"));
+        let c = Cli::try_parse_from(["x", "--tpm", "swtpm:host=127.0.0.1,port=2321"]).unwrap();
+        assert_eq!(c.run.tpm.as_deref(), Some("swtpm:host=127.0.0.1,port=2321"));
+        let c = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(c.run.tpm, None);
     }
 }
