@@ -355,6 +355,18 @@ impl WorkloadApi {
         e
     }
 
+    /// Audits a call the identity source could not serve (an entry it does
+    /// not know is a refusal, anything else an error) and gives its status.
+    fn source_failed(&self, mut event: AuditEvent, e: SourceError) -> Status {
+        event.outcome = match e {
+            SourceError::UnknownEntry(_) => Outcome::Denied,
+            _ => Outcome::Error,
+        };
+        event.reason = Some(e.to_string());
+        self.audit.record(&event);
+        e.into()
+    }
+
     /// Step 2: attest the caller behind the request.
     async fn attest<T>(&self, rpc: &'static str, req: &Request<T>) -> Result<Caller, Status> {
         let Some(peer) = req.extensions().get::<WorkloadPeer>().cloned() else {
@@ -742,14 +754,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     hint: String::new(),
                 }),
                 Err(e) => {
-                    event.outcome = match e {
-                        SourceError::UnknownEntry(_) => Outcome::Denied,
-                        _ => Outcome::Error,
-                    };
                     event.spiffe_ids = vec![a.entry().spiffe_id.to_string()];
-                    event.reason = Some(e.to_string());
-                    self.audit.record(&event);
-                    return Err(e.into());
+                    return Err(self.source_failed(event, e));
                 }
             }
         }

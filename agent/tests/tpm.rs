@@ -352,11 +352,6 @@ fn agent_key_survives_a_new_process_from_its_blobs_and_only_on_its_tpm() {
 
 #[test]
 fn agent_key_cannot_be_duplicated_out_of_the_tpm() {
-    use tss_esapi::constants::{CommandCode, SessionType};
-    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
-    use tss_esapi::interface_types::session_handles::PolicySession;
-    use tss_esapi::structures::{SymmetricDefinition, SymmetricDefinitionObject};
-
     let swtpm = Swtpm::start();
     let dir = tempfile::tempdir().unwrap();
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
@@ -371,38 +366,43 @@ fn agent_key_cannot_be_duplicated_out_of_the_tpm() {
     assert!(a.fixed_tpm() && a.fixed_parent() && a.sensitive_data_origin());
     assert!(!a.encrypted_duplication() && a.sign_encrypt() && !a.decrypt() && !a.restricted());
 
-    // TPM2_Duplicate with the DUP role (a policy session allowing
-    // Duplicate) to a null parent: the TPM refuses.
-    let result = tpm.with_raw_context(|ctx| {
-        let session = ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .unwrap()
-            .unwrap();
-        ctx.policy_command_code(
-            PolicySession::try_from(session).unwrap(),
-            CommandCode::Duplicate,
-        )
-        .unwrap();
-        let r = ctx.execute_with_session(Some(session), |c| {
-            c.duplicate(
-                key.raw_handle().into(),
-                tss_esapi::handles::ObjectHandle::Null,
-                None,
-                SymmetricDefinitionObject::Null,
-            )
-        });
-        let _ = ctx.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
-        r
-    });
+    // TPM2_Duplicate under the DUP role: refused (fixedTPM).
+    let result = tpm.with_raw_context(|ctx| try_duplicate(ctx, key.raw_handle()));
     let err = result.expect_err("a fixedTPM key must not duplicate");
     eprintln!("duplicate refused: {err}");
+}
+
+/// TPM2_Duplicate of `key` under the DUP role (a policy session allowing
+/// Duplicate) to a null parent: what a TPM must refuse for a fixedTPM key.
+fn try_duplicate(
+    ctx: &mut tss_esapi::Context,
+    key: tss_esapi::handles::KeyHandle,
+) -> tss_esapi::Result<()> {
+    use tss_esapi::constants::{CommandCode, SessionType};
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::interface_types::session_handles::PolicySession;
+    use tss_esapi::structures::{SymmetricDefinition, SymmetricDefinitionObject};
+    let session = ctx
+        .start_auth_session(
+            None,
+            None,
+            None,
+            SessionType::Policy,
+            SymmetricDefinition::AES_128_CFB,
+            HashingAlgorithm::Sha256,
+        )?
+        .expect("a policy session");
+    ctx.policy_command_code(PolicySession::try_from(session)?, CommandCode::Duplicate)?;
+    let r = ctx.execute_with_session(Some(session), |c| {
+        c.duplicate(
+            key.into(),
+            tss_esapi::handles::ObjectHandle::Null,
+            None,
+            SymmetricDefinitionObject::Null,
+        )
+    });
+    let _ = ctx.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
+    r.map(|_| ())
 }
 
 #[test]
@@ -474,11 +474,6 @@ fn open_fails_cleanly_without_a_tpm() {
 
 #[test]
 fn workload_keys_sign_certify_and_never_leave_the_tpm() {
-    use tss_esapi::constants::{CommandCode, SessionType};
-    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
-    use tss_esapi::interface_types::session_handles::PolicySession;
-    use tss_esapi::structures::{SymmetricDefinition, SymmetricDefinitionObject};
-
     let swtpm = Swtpm::start();
     let tpm = Tpm::open(&swtpm.tcti()).unwrap();
     let key = tpm.create_workload_key().unwrap();
@@ -522,36 +517,7 @@ fn workload_keys_sign_certify_and_never_leave_the_tpm() {
     drop(att);
 
     // TPM2_Duplicate under the DUP role: refused (fixedTPM).
-    let result = key
-        .with_raw_handle(|ctx, handle| {
-            let session = ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
-                )
-                .unwrap()
-                .unwrap();
-            ctx.policy_command_code(
-                PolicySession::try_from(session).unwrap(),
-                CommandCode::Duplicate,
-            )
-            .unwrap();
-            let r = ctx.execute_with_session(Some(session), |c| {
-                c.duplicate(
-                    handle.into(),
-                    tss_esapi::handles::ObjectHandle::Null,
-                    None,
-                    SymmetricDefinitionObject::Null,
-                )
-            });
-            let _ = ctx.flush_context(tss_esapi::handles::SessionHandle::from(session).into());
-            r
-        })
-        .unwrap();
+    let result = key.with_raw_handle(try_duplicate).unwrap();
     let err = result.expect_err("a fixedTPM workload key must not duplicate");
     eprintln!("duplicate refused: {err}");
     // No TPM command returns a key's sensitive area; what the agent stores

@@ -13,7 +13,7 @@ use crate::audit::Outcome;
 use crate::entry::{
     AuthzError, KeyBinding, RegistrationEntry, authorize_jwt, check_audience, requested_spiffe_id,
 };
-use crate::identity::{IdentitySnapshot, SourceError};
+use crate::identity::IdentitySnapshot;
 use sigil::proto::keys::v1 as pb;
 use std::sync::Arc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -136,15 +136,7 @@ impl pb::workload_keys_server::WorkloadKeys for WorkloadApi {
                     signature: sig.to_vec(),
                 }))
             }
-            Err(e) => {
-                event.outcome = match e {
-                    SourceError::UnknownEntry(_) => Outcome::Denied,
-                    _ => Outcome::Error,
-                };
-                event.reason = Some(e.to_string());
-                self.audit.record(&event);
-                Err(e.into())
-            }
+            Err(e) => Err(self.source_failed(event, e)),
         }
     }
 
@@ -203,15 +195,7 @@ impl pb::workload_keys_server::WorkloadKeys for WorkloadApi {
                     public_key,
                 }))
             }
-            Err(e) => {
-                event.outcome = match e {
-                    SourceError::UnknownEntry(_) => Outcome::Denied,
-                    _ => Outcome::Error,
-                };
-                event.reason = Some(e.to_string());
-                self.audit.record(&event);
-                Err(e.into())
-            }
+            Err(e) => Err(self.source_failed(event, e)),
         }
     }
 }

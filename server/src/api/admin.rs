@@ -60,6 +60,34 @@ impl AdminApi {
         ev.reason = Some(reason);
         let _ = self.state.audit(&ev);
     }
+
+    /// Audits one operator action on a CA or JWT key: a refusal as denied
+    /// (naming `target`, the key the operator named, if any), a success
+    /// with the key it acted on (`id`); a success that cannot be audited is
+    /// `Unavailable`.
+    fn key_op<T>(
+        &self,
+        mut ev: AuditEvent,
+        target: Option<&str>,
+        result: Result<T, CaError>,
+        id: impl FnOnce(&T) -> &str,
+    ) -> Result<T, Status> {
+        match result {
+            Ok(v) => {
+                ev.reason = Some(format!("key {}", id(&v)));
+                self.record(&ev)?;
+                Ok(v)
+            }
+            Err(e) => {
+                let reason = match target {
+                    Some(t) => format!("key {t}: {e}"),
+                    None => e.to_string(),
+                };
+                self.deny(ev, reason);
+                Err(ca_status(e))
+            }
+        }
+    }
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -429,16 +457,8 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::PrepareX509CaRequest>,
     ) -> Result<Response<pb::X509Authority>, Status> {
-        let mut ev = self.event(&req, "admin.PrepareX509Ca");
-        let c = match self.state.ca.prepare(now_unix()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.deny(ev, e.to_string());
-                return Err(ca_status(e));
-            }
-        };
-        ev.reason = Some(format!("ca {}", c.id));
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.PrepareX509Ca");
+        let c = self.key_op(ev, None, self.state.ca.prepare(now_unix()), |c| &c.id)?;
         tracing::info!(ca = %c.id, "X.509 CA prepared by an operator");
         Ok(Response::new(ca_to_pb(&c)))
     }
@@ -447,16 +467,8 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ActivateX509CaRequest>,
     ) -> Result<Response<pb::X509Authority>, Status> {
-        let mut ev = self.event(&req, "admin.ActivateX509Ca");
-        let c = match self.state.ca.activate(now_unix()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.deny(ev, e.to_string());
-                return Err(ca_status(e));
-            }
-        };
-        ev.reason = Some(format!("ca {}", c.id));
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.ActivateX509Ca");
+        let c = self.key_op(ev, None, self.state.ca.activate(now_unix()), |c| &c.id)?;
         tracing::info!(ca = %c.id, "X.509 CA activated by an operator");
         Ok(Response::new(ca_to_pb(&c)))
     }
@@ -465,16 +477,9 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::RevokeX509CaRequest>,
     ) -> Result<Response<pb::X509Authority>, Status> {
-        let mut ev = self.event(&req, "admin.RevokeX509Ca");
-        ev.reason = Some(format!("ca {}", req.get_ref().serial));
-        let c = match self.state.ca.revoke(&req.get_ref().serial) {
-            Ok(c) => c,
-            Err(e) => {
-                self.deny(ev, e.to_string());
-                return Err(ca_status(e));
-            }
-        };
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.RevokeX509Ca");
+        let serial = &req.get_ref().serial;
+        let c = self.key_op(ev, Some(serial), self.state.ca.revoke(serial), |c| &c.id)?;
         tracing::warn!(ca = %c.id, "X.509 CA revoked by an operator");
         Ok(Response::new(ca_to_pb(&c)))
     }
@@ -483,10 +488,9 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::PrepareJwtKeyRequest>,
     ) -> Result<Response<pb::JwtKey>, Status> {
-        let mut ev = self.event(&req, "admin.PrepareJwtKey");
-        let k = self.state.jwt.prepare(now_unix()).map_err(ca_status)?;
-        ev.reason = Some(format!("kid {}", k.kid));
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.PrepareJwtKey");
+        let k = self.key_op(ev, None, self.state.jwt.prepare(now_unix()), |k| &k.kid)?;
+        tracing::info!(kid = %k.kid, "JWT key prepared by an operator");
         Ok(Response::new(key_to_pb(&k)))
     }
 
@@ -494,16 +498,8 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::ActivateJwtKeyRequest>,
     ) -> Result<Response<pb::JwtKey>, Status> {
-        let mut ev = self.event(&req, "admin.ActivateJwtKey");
-        let k = match self.state.jwt.activate(now_unix()) {
-            Ok(k) => k,
-            Err(e) => {
-                self.deny(ev, e.to_string());
-                return Err(ca_status(e));
-            }
-        };
-        ev.reason = Some(format!("kid {}", k.kid));
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.ActivateJwtKey");
+        let k = self.key_op(ev, None, self.state.jwt.activate(now_unix()), |k| &k.kid)?;
         tracing::info!(kid = %k.kid, "JWT key activated by an operator");
         Ok(Response::new(key_to_pb(&k)))
     }
@@ -512,16 +508,9 @@ impl pb::admin_server::Admin for AdminApi {
         &self,
         req: Request<pb::RevokeJwtKeyRequest>,
     ) -> Result<Response<pb::JwtKey>, Status> {
-        let mut ev = self.event(&req, "admin.RevokeJwtKey");
-        ev.reason = Some(format!("kid {}", req.get_ref().kid));
-        let k = match self.state.jwt.revoke(&req.get_ref().kid) {
-            Ok(k) => k,
-            Err(e) => {
-                self.deny(ev, e.to_string());
-                return Err(ca_status(e));
-            }
-        };
-        self.record(&ev)?;
+        let ev = self.event(&req, "admin.RevokeJwtKey");
+        let kid = &req.get_ref().kid;
+        let k = self.key_op(ev, Some(kid), self.state.jwt.revoke(kid), |k| &k.kid)?;
         tracing::warn!(kid = %k.kid, "JWT key revoked by an operator");
         Ok(Response::new(key_to_pb(&k)))
     }
