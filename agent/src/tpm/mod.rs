@@ -47,7 +47,7 @@ use tss_esapi::structures::CapabilityData;
 use tss_esapi::{Context, TctiNameConf};
 
 /// The TCTI to document as default: the kernel's resource manager.
-pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+pub use crate::run::DEFAULT_TCTI;
 
 /// Why a TPM operation failed.
 #[derive(Debug, thiserror::Error)]
