@@ -131,6 +131,22 @@ async fn allow(server: &Server, hash: &str) -> admin::TpmEk {
         .into_inner()
 }
 
+/// The agent that `svid` (attested for `key`) makes, for mTLS calls.
+fn agent_of(svid: &node::AgentSvid, key: &SoftKey) -> Agent {
+    Agent {
+        id: svid.spiffe_id.clone(),
+        chain: svid
+            .cert_chain
+            .iter()
+            .cloned()
+            .map(CertificateDer::from)
+            .collect(),
+        key: Key {
+            kp: rcgen::KeyPair::try_from(key.pkcs8().as_slice()).unwrap(),
+        },
+    }
+}
+
 fn last_audit(server: &Server) -> serde_json::Value {
     server.audit_lines().pop().unwrap()
 }
@@ -171,18 +187,7 @@ async fn allow_listed_ek_attests_and_reattests_without_a_token() {
         .unwrap()
         .1;
     assert_eq!(leaf.public_key().raw, key.spki().as_slice());
-    let agent = Agent {
-        id: svid.spiffe_id.clone(),
-        chain: svid
-            .cert_chain
-            .iter()
-            .cloned()
-            .map(CertificateDer::from)
-            .collect(),
-        key: Key {
-            kp: rcgen::KeyPair::try_from(key.pkcs8().as_slice()).unwrap(),
-        },
-    };
+    let agent = agent_of(&svid, &key);
     let mut mtls = agent.client(&server, &ca, Arc::default()).await;
     mtls.sync_entries(node::SyncEntriesRequest { since_revision: 0 })
         .await
@@ -219,6 +224,38 @@ async fn allow_listed_ek_attests_and_reattests_without_a_token() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "old SVID: {e:?}");
+
+    // Evicted: its SVID stops working at once, and the TPM attests again
+    // without any token.
+    let agent2 = agent_of(&again, &key2);
+    let mut mtls2 = agent2.client(&server, &ca, Arc::default()).await;
+    mtls2
+        .sync_entries(node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap();
+    server
+        .admin()
+        .await
+        .evict_agent(admin::GetAgentRequest {
+            spiffe_id: tpm.agent_id(),
+        })
+        .await
+        .unwrap();
+    let e = mtls2
+        .sync_entries(node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "evicted SVID: {e:?}");
+    let key3 = SoftKey::new(KEY_ATTRS, NULL);
+    let back = attest(&mut c, &tpm, &key3).await.unwrap();
+    assert_eq!(back.spiffe_id, tpm.agent_id());
+    let agent3 = agent_of(&back, &key3);
+    agent3
+        .client(&server, &ca, Arc::default())
+        .await
+        .sync_entries(node::SyncEntriesRequest { since_revision: 0 })
+        .await
+        .unwrap();
 
     // Banned: no re-attestation, whatever the EK trust.
     server
@@ -543,18 +580,7 @@ async fn tpm_bound_entries_get_key_bound_tokens_only_on_tpm_agents() {
     let svid = finish(&mut c, answer(&tpm, &session, &cred, &ak, &key))
         .await
         .unwrap();
-    let agent = Agent {
-        id: svid.spiffe_id.clone(),
-        chain: svid
-            .cert_chain
-            .iter()
-            .cloned()
-            .map(CertificateDer::from)
-            .collect(),
-        key: Key {
-            kp: rcgen::KeyPair::try_from(key.pkcs8().as_slice()).unwrap(),
-        },
-    };
+    let agent = agent_of(&svid, &key);
     let bound = format!("spiffe://{TD}/bound");
     let plain = format!("spiffe://{TD}/plain");
     entry(&server, &agent.id, &bound, "tpm").await;
