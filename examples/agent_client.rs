@@ -18,10 +18,9 @@ use clap::Parser;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use sigil::source::SharedBundles;
-use sigil::tls::{SvidResolver, mtls_client_config};
+use sigil::endpoint::Endpoint;
 use sigil::validate::x509::{ExactId, MemberOf};
-use sigil::workload::WorkloadApiClient;
+use sigil::workload::{WorkloadApiClient, WorkloadX509Source};
 use sigil::{Authorizer, SpiffeId};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -68,17 +67,17 @@ async fn main() -> anyhow::Result<()> {
         all_ok &= call("http", url, TokioIo::new(tcp), &jwt.token).await?;
     }
     if let Some(url) = &args.mtls {
-        let ctx = client.fetch_x509_context().await.context("X.509-SVID")?;
-        let svid = ctx.default_svid().ok_or_else(|| anyhow!("no X.509-SVID"))?;
+        // The X.509-SVID and bundles, kept current by the library: a
+        // long-running agent would keep `source` and build connections
+        // from it across rotations.
+        let source = WorkloadX509Source::start(Endpoint::from_env()?)
+            .await
+            .context("X.509-SVID")?;
         let authorizer: Arc<dyn Authorizer> = match &args.server_id {
             Some(id) => Arc::new(ExactId(id.clone())),
-            None => Arc::new(MemberOf(svid.spiffe_id().trust_domain())),
+            None => Arc::new(MemberOf(source.spiffe_id().trust_domain())),
         };
-        let config = mtls_client_config(
-            Some(Arc::new(SvidResolver::new(svid)?)),
-            Arc::new(SharedBundles::new(ctx.bundles.clone())),
-            authorizer,
-        )?;
+        let config = source.client_config(authorizer)?;
         let tcp = connect(url, 443).await?;
         // SVIDs carry no DNS name: the authorizer above is the name check,
         // so the server name only has to be well-formed.

@@ -28,17 +28,15 @@ use axum::{Json, Router};
 use clap::Parser;
 use sigil::endpoint::Endpoint;
 use sigil::layer::{JwtSvidLayer, PolicySet};
-use sigil::source::{BundleSource, FileBundleSource, SharedBundles};
-use sigil::tls::{SvidResolver, mtls_server_config};
+use sigil::source::{BundleSource, FileBundleSource};
 use sigil::validate::x509::MemberOf;
-use sigil::workload::{WorkloadApiClient, WorkloadJwtBundleSource};
+use sigil::workload::{WorkloadJwtBundleSource, WorkloadX509Source};
 use sigil::{AssuranceLevel, SpiffeId, TrustDomain, VerifiedJwtSvid};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-use tokio_stream::StreamExt;
+use std::time::SystemTime;
 
 /// This tool's audience: the only `aud` it accepts.
 const AUDIENCE: &str = "ehr-fhir";
@@ -111,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.mtls_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let mtls = MtlsServer::start().await?;
-        tracing::info!(%addr, spiffe_id = %mtls.own_id, "serving SPIFFE mTLS");
+        tracing::info!(%addr, spiffe_id = %mtls.source.spiffe_id(), "serving SPIFFE mTLS");
         tokio::spawn(mtls.serve(listener, app.clone()));
     }
 
@@ -160,68 +158,34 @@ fn parse_bundle_args(args: &[String]) -> anyhow::Result<Vec<(TrustDomain, PathBu
         .collect()
 }
 
-/// The tool's own X.509-SVID and X.509 bundles, kept current from the
-/// Workload API's `FetchX509SVID` stream.
+/// The mTLS side: the tool's own X.509-SVID and X.509 bundles, kept current
+/// from the Workload API by the library ([`WorkloadX509Source`]).
 struct MtlsServer {
-    own_id: SpiffeId,
-    resolver: Arc<SvidResolver>,
-    bundles: Arc<SharedBundles>,
+    source: WorkloadX509Source,
 }
 
 impl MtlsServer {
     async fn start() -> anyhow::Result<Self> {
         let endpoint = Endpoint::from_env().context("SPIFFE_ENDPOINT_SOCKET")?;
-        let mut client = WorkloadApiClient::connect(&endpoint).await?;
-        let mut stream = client.watch_x509_context().await?;
-        let first = stream
-            .next()
+        let source = WorkloadX509Source::start(endpoint)
             .await
-            .ok_or_else(|| anyhow!("X.509 stream ended"))??;
-        let svid = first
-            .default_svid()
-            .ok_or_else(|| anyhow!("no X.509-SVID"))?;
-        let own_id = svid.spiffe_id().clone();
-        let resolver = Arc::new(SvidResolver::new(svid)?);
-        let bundles = Arc::new(SharedBundles::new(first.bundles.clone()));
-        let (r, b) = (resolver.clone(), bundles.clone());
+            .context("X.509-SVID from the Workload API")?;
+        // Log rotations; the source already applies them to new handshakes.
+        let mut updates = source.updates();
         tokio::spawn(async move {
-            // Follow rotations; on a broken stream, reconnect and keep
-            // serving the last good SVID and bundles meanwhile.
-            let mut stream = Some(Box::pin(stream));
-            loop {
-                if let Some(st) = stream.as_mut() {
-                    while let Some(Ok(ctx)) = st.next().await {
-                        if let Some(svid) = ctx.default_svid()
-                            && r.update(svid).is_ok()
-                        {
-                            b.update(ctx.bundles.clone());
-                            tracing::info!(not_after = svid.not_after(), "X.509-SVID rotated");
-                        }
-                    }
-                }
-                stream = None;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if let Ok(mut c) = WorkloadApiClient::connect(&endpoint).await
-                    && let Ok(st) = c.watch_x509_context().await
-                {
-                    stream = Some(Box::pin(st));
-                }
+            while updates.changed().await.is_ok() {
+                let not_after = updates.borrow_and_update().not_after();
+                tracing::info!(not_after, "X.509-SVID rotated");
             }
         });
-        Ok(Self {
-            own_id,
-            resolver,
-            bundles,
-        })
+        Ok(Self { source })
     }
 
     async fn serve(self, listener: tokio::net::TcpListener, app: Router) {
-        let td = self.own_id.trust_domain();
-        let config = match mtls_server_config(
-            self.resolver.clone(),
-            self.bundles.clone(),
-            Arc::new(MemberOf(td.clone())),
-        ) {
+        let td = self.source.spiffe_id().trust_domain();
+        // One line: presents the current SVID, admits clients of this
+        // trust domain, both following rotations.
+        let config = match self.source.server_config(Arc::new(MemberOf(td.clone()))) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "mTLS config");
@@ -236,7 +200,7 @@ impl MtlsServer {
             let (acceptor, app, bundles, td) = (
                 acceptor.clone(),
                 app.clone(),
-                self.bundles.clone(),
+                self.source.bundles(),
                 td.clone(),
             );
             tokio::spawn(async move {
@@ -271,7 +235,7 @@ impl MtlsServer {
 
 fn peer_id(
     tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    bundles: &SharedBundles,
+    bundles: &dyn BundleSource,
     td: &TrustDomain,
 ) -> anyhow::Result<SpiffeId> {
     let Some(chain) = tls.get_ref().1.peer_certificates() else {

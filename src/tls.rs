@@ -10,6 +10,13 @@
 //!   swaps it without restarting, and new handshakes use the new one.
 //! - Bundles are read through a [`BundleSource`] at every handshake, so a
 //!   bundle update applies to the next connection.
+//! - [`mtls_server_config`] and [`mtls_client_config`] turn TLS session
+//!   resumption off on their side: a resumed session carries no
+//!   certificates, so it would run neither verifier and would show the
+//!   peer identity of the session it resumes. Every connection is a full
+//!   handshake instead, presenting the current SVID and checked against
+//!   the current bundles and authorizer. (A config built otherwise, e.g.
+//!   with the verifiers alone, should do the same.)
 //!
 //! TLS 1.3 only, aws-lc-rs provider.
 //!
@@ -315,20 +322,26 @@ impl rustls::client::ResolvesClientCert for SvidResolver {
 }
 
 /// A TLS 1.3 server config that presents `resolver`'s SVID and requires a
-/// client SVID that `authorizer` accepts.
+/// client SVID that `authorizer` accepts. Session resumption is off: every
+/// connection is a full handshake (see the module docs).
 pub fn mtls_server_config(
     resolver: Arc<SvidResolver>,
     bundles: Arc<dyn BundleSource>,
     authorizer: Arc<dyn Authorizer>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    Ok(rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(bundles, authorizer)))
-        .with_cert_resolver(resolver))
+        .with_cert_resolver(resolver);
+    // A resumed session skips the client certificate and its verifier.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// A TLS 1.3 client config that presents `resolver`'s SVID (if any) and
-/// requires a server SVID that `authorizer` accepts.
+/// requires a server SVID that `authorizer` accepts. Session resumption is
+/// off: every connection is a full handshake (see the module docs).
 pub fn mtls_client_config(
     resolver: Option<Arc<SvidResolver>>,
     bundles: Arc<dyn BundleSource>,
@@ -338,8 +351,11 @@ pub fn mtls_client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundles, authorizer)));
-    Ok(match resolver {
+    let mut config = match resolver {
         Some(r) => b.with_client_cert_resolver(r),
         None => b.with_no_client_auth(),
-    })
+    };
+    // A resumed session skips the server certificate and its verifier.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }

@@ -165,3 +165,66 @@ async fn mutual_tls_with_svids() {
     s.unwrap();
     assert_eq!(c.unwrap(), rotated.leaf().to_vec());
 }
+
+/// A config reused across connections, as a long-running tool keeps it:
+/// every connection is a full handshake, so a rotated SVID is presented and
+/// a bundle or authorizer change applies to the next connection. (TLS
+/// session resumption would skip certificates and verifiers: it is off.)
+#[tokio::test]
+async fn reused_configs_apply_rotation_and_bundle_changes_to_every_connection() {
+    let td_ca = ca();
+    let server_id = "spiffe://example.org/tool/ehr-fhir";
+    let server_resolver = Arc::new(SvidResolver::new(&svid(&td_ca, server_id)).unwrap());
+    let server_bundles = bundles(&[("example.org", &td_ca)]);
+    let server_cfg = mtls_server_config(
+        server_resolver.clone(),
+        server_bundles.clone(),
+        Arc::new(MemberOf(TrustDomain::new("example.org").unwrap())),
+    )
+    .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(server_cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    let agent = svid(&td_ca, "spiffe://example.org/agent/triage");
+    let client_resolver = Arc::new(SvidResolver::new(&agent).unwrap());
+    let client_cfg = mtls_client_config(
+        Some(client_resolver.clone()),
+        bundles(&[("example.org", &td_ca)]),
+        Arc::new(ExactId(SpiffeId::parse(server_id).unwrap())),
+    )
+    .unwrap();
+    let connector = TlsConnector::from(Arc::new(client_cfg));
+
+    let (s, c) = tokio::join!(
+        serve_once(&listener, acceptor.clone()),
+        connect(addr, connector.clone())
+    );
+    assert_eq!(s.unwrap(), agent.leaf().to_vec());
+    c.unwrap();
+
+    // Both sides rotate: the next connection, same configs, shows both
+    // new SVIDs.
+    let (server_rotated, agent_rotated) = (
+        svid(&td_ca, server_id),
+        svid(&td_ca, "spiffe://example.org/agent/triage"),
+    );
+    server_resolver.update(&server_rotated).unwrap();
+    client_resolver.update(&agent_rotated).unwrap();
+    let (s, c) = tokio::join!(
+        serve_once(&listener, acceptor.clone()),
+        connect(addr, connector.clone())
+    );
+    assert_eq!(s.unwrap(), agent_rotated.leaf().to_vec());
+    assert_eq!(c.unwrap(), server_rotated.leaf().to_vec());
+
+    // The server stops trusting the client's CA: the next connection is
+    // refused, not resumed.
+    server_bundles.update(BundleSet::new());
+    let (s, c) = tokio::join!(
+        serve_once(&listener, acceptor.clone()),
+        connect(addr, connector.clone())
+    );
+    assert!(s.is_err(), "admitted after the bundle was removed");
+    assert!(c.is_err());
+}

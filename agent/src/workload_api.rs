@@ -28,6 +28,7 @@
 //! entry: tools that only validate need no registration. It validates with
 //! [`JwtSvidValidator`] against every bundle the agent holds.
 
+mod authority;
 mod keys;
 
 use crate::audit::{AuditEvent, AuditSink, Outcome};
@@ -126,11 +127,15 @@ impl WorkloadPeer {
     }
 }
 
-/// An accepted connection with its pinned peer.
+/// An accepted connection with its pinned peer. What the client sends is
+/// read through [`authority::AuthorityFix`], so that gRPC clients that name
+/// the socket path in `:authority` (grpcio, hence py-spiffe; grpc-java) are
+/// not refused by the HTTP/2 server.
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,
     peer: WorkloadPeer,
+    authority: authority::AuthorityFix,
     _slot: Option<ConnectionSlot>,
 }
 
@@ -141,6 +146,7 @@ impl PeerStream {
         Self {
             inner,
             peer,
+            authority: authority::AuthorityFix::new(),
             _slot: None,
         }
     }
@@ -211,7 +217,34 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            let ready = this.authority.pending();
+            if !ready.is_empty() || buf.remaining() == 0 {
+                let n = ready.len().min(buf.remaining());
+                buf.put_slice(ready.get(..n).unwrap_or_default());
+                this.authority.consume(n);
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut chunk);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                // End of stream: hand on anything held back, then report it.
+                this.authority.finish();
+                if this.authority.pending().is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let before = this.authority.rewritten();
+            this.authority.push(read.filled());
+            if before == 0 && this.authority.rewritten() > 0 {
+                tracing::debug!(
+                    "rewrote a :authority naming the socket path (HTTP/2 would refuse it)"
+                );
+            }
+        }
     }
 }
 
