@@ -333,7 +333,7 @@ impl ClientCertVerifier for BundleClientVerifier {
     }
 }
 
-/// The node API's TLS 1.3 server configuration.
+/// The node API's TLS 1.3 server configuration: full handshakes only.
 pub fn server_config(
     ca: Arc<X509Cas>,
     resolver: Arc<CertResolver>,
@@ -345,5 +345,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed session presents no certificate, so
+    // the client verifier (chain against the current bundle) would not run
+    // again. Agents keep their connections open; a full handshake per
+    // connection costs them nothing noticeable.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(Arc::new(cfg))
 }

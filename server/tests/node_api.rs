@@ -600,3 +600,40 @@ async fn http_endpoint_serves_bundle_keys_oidc_health_and_metrics() {
         "{metrics}"
     );
 }
+
+/// A resumed TLS 1.3 session carries no client certificate: the verifier
+/// would not see it again against the current bundle. The node API does
+/// full handshakes only, even for a client that offers to resume.
+#[tokio::test]
+async fn node_api_never_resumes_tls_sessions() {
+    use tokio::io::AsyncReadExt;
+    let server = Server::start();
+    let ca = ca_cert(&server).await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    // rustls clients keep session tickets and offer them by default.
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    for i in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "connection {i}"
+        );
+        // Read what the server sends after the handshake (tickets, if it
+        // issued any, and its HTTP/2 SETTINGS).
+        let mut buf = [0u8; 256];
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_millis(300), tls.read(&mut buf)).await;
+    }
+}
