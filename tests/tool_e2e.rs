@@ -7,14 +7,10 @@
 mod common;
 use common::*;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use sigil::X509Svid;
 use sigil::source::SharedBundles;
 use sigil::tls::{SvidResolver, mtls_client_config};
 use sigil::validate::x509::AnyId;
-use sigil::{PrivateKey, X509Svid};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -124,31 +120,6 @@ fn wait_for_log(tool: &Tool, needles: &[&str]) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// An X.509-SVID of another trust domain, from a CA Sigil never heard of.
-fn foreign_svid(id: &str) -> X509Svid {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let key = KeyPair::generate().unwrap();
-    let cert = p
-        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
-        .unwrap();
-    X509Svid::new(
-        vec![cert.der().clone()],
-        PrivateKey::from_pkcs8_der(key.serialize_der()),
-    )
-    .unwrap()
 }
 
 /// One GET over SPIFFE mTLS presenting `svid`, trusting the tool's server

@@ -7,15 +7,11 @@
 mod common;
 use common::*;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 use sigil::endpoint::Endpoint;
 use sigil::tls::{SvidResolver, mtls_client_config, mtls_server_config};
 use sigil::validate::x509::{ExactId, MemberOf};
 use sigil::workload::{ClientError, WorkloadX509Source};
-use sigil::{PrivateKey, SpiffeId, TrustDomain, X509Svid};
+use sigil::{SpiffeId, TrustDomain};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,31 +64,6 @@ async fn handshake(port: u16, config: rustls::ClientConfig) -> Result<Vec<u8>, S
         return Err(format!("answer {buf:?}"));
     }
     Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
-}
-
-/// An X.509-SVID for `id` from a CA Sigil never heard of.
-fn foreign_svid(id: &str) -> X509Svid {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let key = KeyPair::generate().unwrap();
-    let cert = p
-        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
-        .unwrap();
-    X509Svid::new(
-        vec![cert.der().clone()],
-        PrivateKey::from_pkcs8_der(key.serialize_der()),
-    )
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -284,3 +284,33 @@ pub fn example(name: &str) -> PathBuf {
     );
     path
 }
+
+/// An X.509-SVID for `id` from a CA Sigil never heard of (another trust
+/// domain's, or a forged one).
+pub fn foreign_svid(id: &str) -> sigil::X509Svid {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate().unwrap();
+    let cert = p
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap();
+    sigil::X509Svid::new(
+        vec![cert.der().clone()],
+        sigil::PrivateKey::from_pkcs8_der(key.serialize_der()),
+    )
+    .unwrap()
+}
