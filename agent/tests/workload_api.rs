@@ -915,3 +915,87 @@ async fn raw_channel_result(path: &Path) -> Result<Channel, tonic::transport::Er
         }))
         .await
 }
+
+/// The workload key service (`sigil.workload.v1`) on the same socket: the
+/// header first, then the request fields, then attestation; a caller whose
+/// entries bind no key to a TPM gets nothing (this source has no TPM), and
+/// every refusal after attestation is audited.
+#[tokio::test]
+async fn key_service_checks_header_fields_and_fails_closed_without_tpm_entries() {
+    use sigil::proto::keys::v1 as keys;
+    let agent = Agent::start(vec![my_entry()]).await;
+    let mut raw =
+        keys::workload_keys_client::WorkloadKeysClient::new(raw_channel(&agent.socket).await);
+    let sign = |id: &str, digest: Vec<u8>| keys::SignDigestRequest {
+        spiffe_id: id.into(),
+        digest,
+    };
+    let bound_jwt = |aud: &str| keys::FetchBoundJwtSvidRequest {
+        spiffe_id: String::new(),
+        audience: aud.into(),
+    };
+
+    // No header: InvalidArgument, before attestation (nothing audited).
+    let codes = vec![
+        raw.fetch_x509_svids(keys::FetchX509SvidsRequest {})
+            .await
+            .map(|_| ()),
+        raw.sign_digest(sign(WORKLOAD, vec![0; 32]))
+            .await
+            .map(|_| ()),
+        raw.fetch_bound_jwt_svid(bound_jwt("ehr-fhir"))
+            .await
+            .map(|_| ()),
+    ];
+    for c in codes {
+        assert_eq!(c.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+    assert!(agent.audit.events().is_empty());
+
+    // Malformed fields: InvalidArgument, before attestation.
+    for req in [
+        sign(WORKLOAD, vec![0; 31]),
+        sign(WORKLOAD, vec![0; 33]),
+        sign("", vec![0; 32]),
+        sign("spiffe://example.org/../x", vec![0; 32]),
+    ] {
+        let e = raw.sign_digest(with_header(req)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
+    let e = raw
+        .fetch_bound_jwt_svid(with_header(bound_jwt("")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(agent.audit.events().is_empty());
+
+    // Well-formed, attested, but no TPM-bound entry: PermissionDenied, with
+    // the reason in the audit log, and no key material anywhere.
+    let e = raw
+        .sign_digest(with_header(sign(WORKLOAD, vec![0; 32])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = raw
+        .fetch_x509_svids(with_header(keys::FetchX509SvidsRequest {}))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = raw
+        .fetch_bound_jwt_svid(with_header(bound_jwt("ehr-fhir")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let events = agent.audit.events();
+    assert_eq!(events.len(), 3);
+    for e in &events {
+        assert_eq!(e.outcome, Outcome::Denied);
+        assert!(
+            e.reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("TPM-bound"),
+            "{e:?}"
+        );
+    }
+}
