@@ -734,7 +734,7 @@ impl ServerIdentitySource {
                         live.state
                             .entries
                             .get(*id)
-                            .is_some_and(|e| e.key_binding == "tpm")
+                            .is_some_and(|e| e.key_binding() == Ok(KeyBinding::Tpm))
                     })
                     .cloned()
                     .collect()

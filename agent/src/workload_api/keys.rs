@@ -154,13 +154,12 @@ impl pb::workload_keys_server::WorkloadKeys for WorkloadApi {
         let refs: Vec<_> = bound.iter().collect();
         let mut event = self.event(RPC, Some(&caller), Outcome::Allowed);
         event.audience = Some(audience.clone());
-        let authorized = match authorize_jwt(&refs, requested.as_ref(), &audience) {
-            Ok(mut a) if !a.is_empty() => a.swap_remove(0),
-            Ok(_) => {
-                event.outcome = Outcome::Denied;
-                self.audit.record(&event);
-                return Err(Status::permission_denied(NO_IDENTITY));
-            }
+        // One token, bound to one key: the first authorized identity (or
+        // the requested one). `authorize_jwt` never returns an empty list.
+        let authorized = match authorize_jwt(&refs, requested.as_ref(), &audience)
+            .and_then(|a| a.into_iter().next().ok_or(AuthzError::NoMatchingEntry))
+        {
+            Ok(a) => a,
             Err(e) => {
                 event.outcome = Outcome::Denied;
                 event.entry_ids = bound.iter().map(|e| e.id.clone()).collect();
